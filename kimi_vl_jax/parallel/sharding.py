@@ -1,0 +1,85 @@
+"""Logical annotations -> NamedSharding, for parameter trees and for batches."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kimi_vl_jax.parallel.rules import LOGICAL_AXIS_RULES
+
+
+def logical_to_spec(logical_axes: Sequence[Optional[str]], rules=LOGICAL_AXIS_RULES) -> P:
+  """PartitionSpec for one tensor given its logical axis names."""
+  return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]],
+                     rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+
+
+def param_shardings(abstract_variables: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for a (possibly abstract) variable tree produced by ``init``.
+
+  Leaves boxed in ``nn.LogicallyPartitioned`` get their rules-derived sharding;
+  unannotated leaves are replicated. The returned tree has the boxes removed, so it
+  matches ``nn.unbox(variables)``.
+  """
+  specs = nn.get_partition_spec(abstract_variables)
+  specs = nn.logical_to_mesh(specs, rules)
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec if spec is not None else P()),
+                      specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def fit_spec_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide the dimension they shard (replicates it instead).
+
+  Tiny test models have dims (e.g. 3 norm features) smaller than a mesh axis; jit
+  would reject those shardings, so they fall back to replication per dimension.
+  """
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      out.append(None)
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    kept = []
+    size = 1
+    for name in names:
+      if dim % (size * mesh.shape[name]) == 0:
+        kept.append(name)
+        size *= mesh.shape[name]
+    out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+  return P(*out)
+
+
+def fitted_param_shardings(abstract_variables: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """``param_shardings`` with each spec fitted to its leaf's shape (see fit_spec_to_shape)."""
+  shardings = param_shardings(abstract_variables, mesh, rules)
+  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_variables))
+  return jax.tree.map(lambda s, shape: NamedSharding(mesh, fit_spec_to_shape(s.spec, shape, mesh)),
+                      shardings, shapes, is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+  """Sharding of a batch array [B, ...]: batch over the data-parallel axes, rest replicated."""
+  return logical_sharding(mesh, ('batch',) + (None,) * (ndim - 1), rules)
+
+
+def batch_shardings(batch: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """A tree of ``batch_sharding``s matching a tree of (host or abstract) arrays."""
+  return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x), rules), batch)
+
+
+def make_global_batch(local_batch: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """Assembles process-local host arrays into global jax.Arrays sharded by batch.
+
+  Each process passes its own slice of the global batch (global_batch / process_count
+  rows); works unchanged on one host.
+  """
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x), rules), x),
+      local_batch)
