@@ -79,6 +79,8 @@ def _vision(**overrides) -> ml_collections.ConfigDict:
       layer_norm_eps=1e-5,
       rope_theta=10000.0,
       max_patches_per_side=512,
+      attention_backend='auto',       # auto | xla | cudnn | splash | naive (same op as the LM)
+      attention_block_size=512,       # query/key block of the xla backend
       scan_layers=True,
       remat_policy='none',
       dtype='float32',

@@ -106,6 +106,10 @@ def _check_vision(cfg):
   if tuple(v.merge_kernel_size) != (2, 2):
     _fail(f'{p}.merge_kernel_size', f'only (2, 2) is supported, got {tuple(v.merge_kernel_size)}')
   _one_of(cfg, f'{p}.remat_policy', ('none', 'full', 'save_dots'))
+  _one_of(cfg, f'{p}.attention_backend', ('auto', 'xla', 'cudnn', 'splash', 'naive'))
+  _positive_int(cfg, f'{p}.attention_block_size')
+  _one_of(cfg, f'{p}.dtype', ('float32', 'bfloat16'))
+  _one_of(cfg, f'{p}.param_dtype', ('float32', 'bfloat16'))
   proj = cfg.model.projector
   if proj.input_size != v.hidden_size:
     _fail('model.projector.input_size',
