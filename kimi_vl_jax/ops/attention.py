@@ -1,0 +1,306 @@
+"""Attention over packed sequences: one function, several backends.
+
+``attention(q_bshd, k_bshd, v_bshd, segment_ids_q_bs, ...)`` computes
+``softmax(q k^T * scale + mask) v`` per head where the mask allows query i to see key j iff
+both carry the same non-zero segment id and (when ``causal``) ``pos_kv[j] <= pos_q[i]``.
+Segment id 0 marks padding: such keys are never attended and such queries output zeros.
+``v`` may have a different head dim than ``q``/``k`` (MLA: 192-d scores, 128-d values).
+
+Backends (same inputs, same outputs):
+- ``xla``: pure JAX flash attention. Query blocks x key blocks with an online softmax, so
+  no score matrix larger than one ``[block, block]`` tile per head exists; key blocks with
+  no allowed pair (another segment, or entirely in the causal future) are skipped with a
+  ``lax.cond``. A custom VJP recomputes scores blockwise from the saved log-sum-exp, so
+  forward+backward memory is linear in S.
+- ``naive``: full masked softmax (the test oracle; O(S^2) memory).
+- ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU, bf16/fp16),
+  with the segment/causal mask passed as its boolean ``mask``; v is zero-padded to the
+  qk head dim because cuDNN needs equal head dims.
+- ``splash``: Pallas splash attention (TPU) with ``SegmentIds``; its causal mask is by
+  index, which equals causality by position when each segment is a contiguous run with
+  increasing positions (the packer's layout).
+- ``auto``: ``splash`` on TPU, ``cudnn`` on GPU for 16-bit inputs, else ``xla``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BACKENDS = ('auto', 'xla', 'naive', 'cudnn', 'splash')
+
+
+def _allowed(seg_q_bq, seg_kv_bk, pos_q_bq, pos_kv_bk, causal: bool):
+  """Boolean [B, Q, K]: query may attend key (same non-zero segment, causal by position)."""
+  ok = (seg_q_bq[:, :, None] == seg_kv_bk[:, None, :]) & (seg_q_bq[:, :, None] != 0)
+  if causal:
+    ok &= pos_kv_bk[:, None, :] <= pos_q_bq[:, :, None]
+  return ok
+
+
+# ----------------------------------------------------------------------------- naive
+
+
+def _naive(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale):
+  s_bhqk = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  ok_b1qk = _allowed(seg_q, seg_kv, pos_q, pos_kv, causal)[:, None]
+  s_bhqk = jnp.where(ok_b1qk, s_bhqk, -jnp.inf)
+  m = jnp.max(s_bhqk, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(ok_b1qk, jnp.exp(s_bhqk - m), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom == 0, 1.0, denom)
+  o = jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o.astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------- xla
+
+
+def _to_blocks(x, n, b):
+  """[B, n*b, ...] -> [n, B, b, ...]."""
+  x = x.reshape(x.shape[0], n, b, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _from_blocks(x):
+  """[n, B, b, ...] -> [B, n*b, ...]."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
+  """Forward over blocks. Inputs [n, B, b, H, D] / [n, B, b]; returns o [nq,B,bq,H,Dv], lse [nq,B,H,bq]."""
+  _, b_sz, bq, h, _ = q_n.shape
+  dv = v_n.shape[-1]
+
+  def q_block(_, xs):
+    q_bqhd, sq_bq, pq_bq = xs
+
+    def kv_block(carry, ys):
+      m_bhq, l_bhq, acc_bhqd = carry
+      k_bkhd, v_bkhd, sk_bk, pk_bk = ys
+      ok_bqk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)
+
+      def compute(carry):
+        m_bhq, l_bhq, acc_bhqd = carry
+        s = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
+                       preferred_element_type=jnp.float32) * scale
+        s = jnp.where(ok_bqk[:, None], s, -jnp.inf)
+        m_new = jnp.maximum(m_bhq, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # all masked so far: no NaN
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(m_bhq - m_safe)
+        l_new = alpha * l_bhq + jnp.sum(p, axis=-1)
+        pv = jnp.einsum('bhqk,bkhd->bhqd', p.astype(v_bkhd.dtype), v_bkhd,
+                        preferred_element_type=jnp.float32)
+        return m_new, l_new, alpha[..., None] * acc_bhqd + pv
+
+      return jax.lax.cond(jnp.any(ok_bqk), compute, lambda c: c, carry), None
+
+    init = (jnp.full((b_sz, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b_sz, h, bq), jnp.float32),
+            jnp.zeros((b_sz, h, bq, dv), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(kv_block, init, (k_n, v_n, sk_n, pk_n))
+    empty = l == 0   # padding query or no visible key: output zeros
+    o_bhqd = acc / jnp.where(empty, 1.0, l)[..., None]
+    lse_bhq = jnp.where(empty, 0.0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(empty, 1.0, l)))
+    return None, (jnp.swapaxes(o_bhqd, 1, 2).astype(q_bqhd.dtype), lse_bhq)
+
+  _, (o_n, lse_n) = jax.lax.scan(q_block, None, (q_n, sq_n, pq_n))
+  return o_n, lse_n
+
+
+def _flash_bwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n, do_n, causal, scale):
+  """Backward over blocks (FlashAttention-2 style, scores recomputed); returns dq, dk, dv blocks."""
+  delta_n = jnp.einsum('nbqhd,nbqhd->nbhq', do_n.astype(jnp.float32), o_n.astype(jnp.float32))
+
+  def q_block(carry, xs):
+    dk_acc, dv_acc = carry
+    q_bqhd, do_bqhd, lse_bhq, delta_bhq, sq_bq, pq_bq = xs
+
+    def kv_block(dq_bqhd, ys):
+      k_bkhd, v_bkhd, sk_bk, pk_bk = ys
+      ok_bqk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)
+
+      def compute(dq_bqhd):
+        s = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
+                       preferred_element_type=jnp.float32) * scale
+        p = jnp.where(ok_bqk[:, None], jnp.exp(s - lse_bhq[..., None]), 0.0)
+        dv = jnp.einsum('bhqk,bqhd->bkhd', p.astype(do_bqhd.dtype), do_bqhd,
+                        preferred_element_type=jnp.float32)
+        dp = jnp.einsum('bqhd,bkhd->bhqk', do_bqhd, v_bkhd, preferred_element_type=jnp.float32)
+        ds = p * (dp - delta_bhq[..., None]) * scale
+        dq = jnp.einsum('bhqk,bkhd->bqhd', ds.astype(k_bkhd.dtype), k_bkhd,
+                        preferred_element_type=jnp.float32)
+        dk = jnp.einsum('bhqk,bqhd->bkhd', ds.astype(q_bqhd.dtype), q_bqhd,
+                        preferred_element_type=jnp.float32)
+        return dq_bqhd + dq, (dk, dv)
+
+      def skip(dq_bqhd):
+        return dq_bqhd, (jnp.zeros(k_bkhd.shape, jnp.float32), jnp.zeros(v_bkhd.shape, jnp.float32))
+
+      return jax.lax.cond(jnp.any(ok_bqk), compute, skip, dq_bqhd)
+
+    dq, (dk_n, dv_n) = jax.lax.scan(kv_block, jnp.zeros(q_bqhd.shape, jnp.float32),
+                                    (k_n, v_n, sk_n, pk_n))
+    return (dk_acc + dk_n, dv_acc + dv_n), dq
+
+  init = (jnp.zeros(k_n.shape, jnp.float32), jnp.zeros(v_n.shape, jnp.float32))
+  (dk_n, dv_n), dq_n = jax.lax.scan(q_block, init, (q_n, do_n, lse_n, delta_n, sq_n, pq_n))
+  return dq_n.astype(q_n.dtype), dk_n.astype(k_n.dtype), dv_n.astype(v_n.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
+  return _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale)[0]
+
+
+def _flash_fwd(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
+  o_n, lse_n = _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale)
+  return o_n, (q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n)
+
+
+def _flash_bwd(causal, scale, res, do_n):
+  q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n = res
+  dq, dk, dv = _flash_bwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n, do_n,
+                                 causal, scale)
+  return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_to(x, length, value=0):
+  pad = length - x.shape[1]
+  if pad == 0:
+    return x
+  widths = [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _xla(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale, block_size):
+  sq, skv = q.shape[1], k.shape[1]
+  bq, bk = min(block_size, sq), min(block_size, skv)
+  nq, nk = -(-sq // bq), -(-skv // bk)
+  # Padded positions carry segment 0, so they neither attend nor are attended.
+  q, seg_q, pos_q = (_pad_to(x, nq * bq) for x in (q, seg_q, pos_q))
+  k, v, seg_kv, pos_kv = (_pad_to(x, nk * bk) for x in (k, v, seg_kv, pos_kv))
+  o_n = _flash(_to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk),
+               _to_blocks(seg_q, nq, bq), _to_blocks(seg_kv, nk, bk),
+               _to_blocks(pos_q, nq, bq), _to_blocks(pos_kv, nk, bk), causal, scale)
+  return _from_blocks(o_n)[:, :sq]
+
+
+# ------------------------------------------------------------------------ cudnn / splash
+
+
+def _cudnn(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale):
+  dqk, dv = q.shape[-1], v.shape[-1]
+  if dv > dqk:
+    raise ValueError(f'cudnn attention: v head dim {dv} > qk head dim {dqk}')
+  v_pad = jnp.pad(v, [(0, 0)] * 3 + [(0, dqk - dv)]) if dv < dqk else v
+  mask_b1qk = _allowed(seg_q, seg_kv, pos_q, pos_kv, causal)[:, None]
+  o = jax.nn.dot_product_attention(q, k, v_pad, mask=mask_b1qk, scale=scale,
+                                   implementation='cudnn')
+  return o[..., :dv]
+
+
+def _splash(q, k, v, seg_q, seg_kv, causal, scale, block_size, interpret=False):
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  _, sq, h, _ = q.shape
+  skv = k.shape[1]
+  if causal and sq != skv:
+    raise ValueError('splash attention: causal needs equal query and key lengths')
+  mask_cls = sa.CausalMask if causal else sa.FullMask
+  mask = sa.MultiHeadMask([mask_cls((sq, skv)) for _ in range(h)])
+  bq, bk = min(block_size, sq), min(block_size, skv)
+  sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
+                        block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+  kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+  # Splash wants [H, S, D] per example and scale folded into q.
+  q_hsd = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)
+  k_hsd, v_hsd = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  # Padding keys (segment 0) could be seen by padding queries only; those outputs are zeroed
+  # below, and a padding query keeps a non-empty row (itself), so no 0/0 inside the kernel.
+  o_bhsd = jax.vmap(lambda q1, k1, v1, s1, s2: kernel(q1, k1, v1, sa.SegmentIds(s1, s2)))(
+      q_hsd, k_hsd, v_hsd, seg_q, seg_kv)
+  return jnp.swapaxes(o_bhsd, 1, 2)
+
+
+# ------------------------------------------------------------------------------- entry
+
+
+def resolve_backend(backend: str, dtype=jnp.float32) -> str:
+  """The concrete backend 'auto' stands for on this platform (others returned as is)."""
+  if backend not in BACKENDS:
+    raise ValueError(f'attention backend {backend!r} not in {BACKENDS}')
+  if backend != 'auto':
+    return backend
+  platform = jax.default_backend()
+  if platform == 'tpu':
+    return 'splash'
+  if platform in ('gpu', 'cuda') and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    return 'cudnn'
+  return 'xla'
+
+
+def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
+              segment_ids_q_bs: jax.Array, segment_ids_kv_bs: Optional[jax.Array] = None, *,
+              causal: bool, backend: str = 'auto', scale: Optional[float] = None,
+              block_size: int = 512, positions_q_bs: Optional[jax.Array] = None,
+              positions_kv_bs: Optional[jax.Array] = None) -> jax.Array:
+  """Masked multi-head attention over packed sequences.
+
+  Args:
+    q_bshd: queries [B, Sq, H, Dk]; k_bshd: keys [B, Skv, H, Dk]; v_bshd: values [B, Skv, H, Dv].
+    segment_ids_q_bs: int [B, Sq], 0 = padding; segment_ids_kv_bs: int [B, Skv] (default: the
+      query ids, i.e. self-attention).
+    causal: mask keys whose position is after the query's.
+    backend: one of ``BACKENDS``.
+    scale: logit scale (default Dk^-0.5).
+    block_size: query/key tile of the ``xla`` (and ``splash``) backend.
+    positions_q_bs / positions_kv_bs: int [B, S] positions for the causal test (default: the
+      index in the sequence; pass the per-segment positions when decoding against a cache).
+  Returns:
+    [B, Sq, H, Dv] in q's dtype; zeros where the query is padding.
+  """
+  if q_bshd.ndim != 4 or k_bshd.ndim != 4 or v_bshd.ndim != 4:
+    raise ValueError(f'attention: q, k, v must be [B, S, H, D]; got {q_bshd.shape}, '
+                     f'{k_bshd.shape}, {v_bshd.shape}')
+  if k_bshd.shape[:3] != v_bshd.shape[:3] or q_bshd.shape[-1] != k_bshd.shape[-1] or \
+     q_bshd.shape[0] != k_bshd.shape[0] or q_bshd.shape[2] != k_bshd.shape[2]:
+    raise ValueError(f'attention: incompatible q {q_bshd.shape}, k {k_bshd.shape}, v {v_bshd.shape}')
+  b, sq = q_bshd.shape[:2]
+  skv = k_bshd.shape[1]
+  if segment_ids_kv_bs is None:
+    if sq != skv:
+      raise ValueError('attention: segment_ids_kv_bs is required when Sq != Skv')
+    segment_ids_kv_bs = segment_ids_q_bs
+  if segment_ids_q_bs.shape != (b, sq) or segment_ids_kv_bs.shape != (b, skv):
+    raise ValueError(f'attention: segment ids {segment_ids_q_bs.shape}/{segment_ids_kv_bs.shape} '
+                     f'do not match q {q_bshd.shape} / k {k_bshd.shape}')
+  if positions_q_bs is None:
+    positions_q_bs = jnp.broadcast_to(jnp.arange(sq, dtype=jnp.int32), (b, sq))
+  if positions_kv_bs is None:
+    positions_kv_bs = jnp.broadcast_to(jnp.arange(skv, dtype=jnp.int32), (b, skv))
+  scale = float(q_bshd.shape[-1]) ** -0.5 if scale is None else float(scale)
+  seg_q = segment_ids_q_bs.astype(jnp.int32)
+  seg_kv = segment_ids_kv_bs.astype(jnp.int32)
+  pos_q = positions_q_bs.astype(jnp.int32)
+  pos_kv = positions_kv_bs.astype(jnp.int32)
+
+  name = resolve_backend(backend, q_bshd.dtype)
+  if name == 'naive':
+    return _naive(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale)
+  if name == 'xla':
+    return _xla(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale, block_size)
+  if name == 'cudnn':
+    o = _cudnn(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale)
+  else:
+    o = _splash(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, causal, scale, block_size)
+  # Fused kernels give padding rows a softmax over something; the contract says zeros.
+  return jnp.where((seg_q != 0)[:, :, None, None], o, jnp.zeros_like(o))
