@@ -3,7 +3,8 @@ from kimi_vl_jax.config import base_config
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise ValueError(f'demo takes no :arg, got {arg!r}')
   c = base_config('small')
   c.name = 'demo'
   c.mesh.data = -1

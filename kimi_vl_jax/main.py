@@ -7,6 +7,7 @@ Dotted overrides follow the config flag: ``--config.train.steps=10``. Modes:
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -32,11 +33,14 @@ def run(argv) -> int:
     config.keys()  # config_flags defers load errors of the file until first use
   except OSError as e:
     reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-    print(f"error: --config: "
+    print(f'error: --config={config_flags.get_config_filename(flags.FLAGS["config"])}: '
           f'cannot load the experiment file: {reason}', file=sys.stderr)
     return 2
   try:
-    validate(config)
+    # Training checks the mesh and batch against the devices present; describe may
+    # describe a pod mesh from a laptop, so it checks only what the config itself fixes.
+    import jax
+    validate(config, num_devices=jax.device_count() if _MODE.value == 'train' else None)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -50,15 +54,53 @@ def run(argv) -> int:
   return run_experiment(config, _WORKDIR.value)
 
 
+def flag_error_line(error: BaseException, argv) -> str:
+  """One line for a flag/config-file mistake: the offending argument, then the reason.
+
+  config_flags reports mistakes in many shapes (a KeyError with a suggestion for an
+  unknown override key, a ValueError wrapping a whole traceback for a failing
+  ``get_config``, SyntaxError/ImportError for a broken experiment file); all become
+  ``error: --config.train.stepz=3: unknown key 'stepz' ...`` style lines.
+  """
+  if error.args and isinstance(error.args[0], KeyError):
+    error = error.args[0]  # config_flags wraps an unknown override key in an AttributeError
+  culprit = _culprit_flag(f'{error} {error.__context__}', [a for a in argv[1:] if a.startswith('--')])
+  if isinstance(error, KeyError) and error.args and culprit.startswith('--config.'):
+    reason = 'unknown key ' + ' '.join(line.strip() for line in str(error.args[0]).splitlines())
+  elif isinstance(error, SyntaxError) and error.lineno:
+    reason = f'SyntaxError: {error.msg} ({error.filename}, line {error.lineno})'
+  else:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[-1] if lines else ''
+    reason = re.sub(r'^flag --\S+: ', '', reason)  # absl repeats the flag; the line starts with it
+    # A wrapped traceback ends in 'ValueError: msg'; other errors get their type name.
+    if not re.match(r'^[A-Za-z_.]*(Error|Exception): ', reason) and not isinstance(
+        error, flags.Error):
+      reason = f'{type(error).__name__}: {reason}'
+  return f'error: {culprit}: {reason}' if culprit else f'error: bad flag: {reason}'
+
+
+def _culprit_flag(text: str, args) -> str:
+  """The argument a message is about: an override naming the bad key, a named flag, the file."""
+  overrides = [a for a in args if a.startswith('--config.')]
+  for arg in overrides:
+    path = arg.split('=', 1)[0][len('--config.'):].split('.')
+    if any(f"'{part}'" in text for part in path):
+      return arg
+  for arg in args:
+    name = arg.split('=', 1)[0]
+    if not arg.startswith('--config=') and (name in text or f"'{name[2:]}'" in text):
+      return arg
+  files = [a for a in args if a.startswith('--config=')]
+  return files[0] if files else ''
+
+
 def parse_flags_or_exit(argv):
   """absl flag parsing whose config mistakes end in one line naming the flag, not a traceback."""
   try:
     return flags.FLAGS(argv)
-  except Exception as e:  # config_flags raises KeyError/AttributeError/IOError for bad files or keys
-    message = str(e).strip().strip("'\"").replace('\\n', ' ').splitlines()
-    cause = e.__cause__ or e.__context__
-    detail = f' ({type(cause).__name__}: {cause})' if cause is not None and str(cause) not in str(e) else ''
-    print(f'error: bad flag: {" ".join(message)}{detail}', file=sys.stderr)
+  except Exception as e:  # config_flags raises KeyError/ValueError/SyntaxError/... for bad files or keys
+    print(flag_error_line(e, argv), file=sys.stderr)
     sys.exit(2)
 
 

@@ -34,6 +34,9 @@ def _check_keys(cfg: Any, schema: Any, prefix: str):
       close = difflib.get_close_matches(key, list(schema.keys()), n=1)
       hint = f' (did you mean {close[0]!r}?)' if close else ''
       _fail(path, f'unknown key{hint}')
+    if isinstance(schema[key], ml_collections.ConfigDict) and not isinstance(
+        cfg[key], ml_collections.ConfigDict):
+      _fail(path, f'must be a block with keys {", ".join(schema[key].keys())}; got {cfg[key]!r}')
     _check_keys(cfg[key], schema[key], path)
 
 
@@ -47,8 +50,24 @@ def _positive_int(cfg, key: str, allow_zero: bool = False):
 def _get(cfg, dotted: str):
   node = cfg
   for part in dotted.split('.'):
+    if part not in node:
+      _fail(dotted, 'missing (experiments start from base_config(), which sets every key)')
     node = node[part]
   return node
+
+
+def _positive_float(cfg, key: str, allow_zero: bool = False):
+  value = _get(cfg, key)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    _fail(key, f'must be a number {">=" if allow_zero else ">"} 0, got {value!r}')
+
+
+def _in_unit_interval(cfg, key: str):
+  value = _get(cfg, key)
+  if not isinstance(value, (int, float)) or not 0 <= value < 1:
+    _fail(key, f'must be in [0, 1), got {value!r}')
 
 
 def _check_lm(cfg):
@@ -78,8 +97,11 @@ def _check_lm(cfg):
   if lm.first_k_dense_replace > lm.num_hidden_layers:
     _fail(f'{p}.first_k_dense_replace',
           f'{lm.first_k_dense_replace} exceeds num_hidden_layers {lm.num_hidden_layers}')
-  if lm.rope_theta <= 0:
-    _fail(f'{p}.rope_theta', f'must be positive, got {lm.rope_theta}')
+  for k in ('rope_theta', 'rms_norm_eps', 'kv_lora_norm_eps', 'initializer_range',
+            'routed_scaling_factor'):
+    _positive_float(cfg, f'{p}.{k}')
+  for k in ('logits_soft_cap', 'router_bias_update_rate', 'seq_balance_loss_alpha'):
+    _positive_float(cfg, f'{p}.{k}', allow_zero=True)
   _one_of(cfg, f'{p}.attention_backend', ('auto', 'xla', 'cudnn', 'splash', 'naive'))
   _one_of(cfg, f'{p}.moe_backend', ('auto', 'ragged', 'capacity', 'dense'))
   _one_of(cfg, f'{p}.remat_policy', ('none', 'full', 'save_dots'))
@@ -87,15 +109,19 @@ def _check_lm(cfg):
   _one_of(cfg, f'{p}.param_dtype', ('float32', 'bfloat16'))
   if lm.moe_capacity_factor < 0:
     _fail(f'{p}.moe_capacity_factor', f'must be >= 0 (0 = dropless), got {lm.moe_capacity_factor}')
+  if lm.max_position_embeddings < 1:
+    _fail(f'{p}.max_position_embeddings', f'must be >= 1, got {lm.max_position_embeddings}')
 
 
 def _check_vision(cfg):
   v = cfg.model.vision
   p = 'model.vision'
-  for k in ('patch_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+  for k in ('patch_size', 'num_channels', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
             'num_attention_heads', 'init_pos_emb_height', 'init_pos_emb_width',
             'max_patches_per_side'):
     _positive_int(cfg, f'{p}.{k}')
+  for k in ('layer_norm_eps', 'rope_theta'):
+    _positive_float(cfg, f'{p}.{k}')
   if v.hidden_size % v.num_attention_heads:
     _fail(f'{p}.num_attention_heads',
           f'{v.num_attention_heads} heads do not divide hidden_size {v.hidden_size}')
@@ -103,22 +129,25 @@ def _check_vision(cfg):
   if head_dim % 4:
     _fail(f'{p}.num_attention_heads',
           f'head dim {head_dim} must be a multiple of 4 for 2D rotary (row and column pairs)')
-  if tuple(v.merge_kernel_size) != (2, 2):
-    _fail(f'{p}.merge_kernel_size', f'only (2, 2) is supported, got {tuple(v.merge_kernel_size)}')
+  if not isinstance(v.merge_kernel_size, (tuple, list)) or tuple(v.merge_kernel_size) != (2, 2):
+    _fail(f'{p}.merge_kernel_size', f'only (2, 2) is supported, got {v.merge_kernel_size!r}')
   _one_of(cfg, f'{p}.remat_policy', ('none', 'full', 'save_dots'))
   _one_of(cfg, f'{p}.attention_backend', ('auto', 'xla', 'cudnn', 'splash', 'naive'))
   _positive_int(cfg, f'{p}.attention_block_size')
   _one_of(cfg, f'{p}.dtype', ('float32', 'bfloat16'))
   _one_of(cfg, f'{p}.param_dtype', ('float32', 'bfloat16'))
   proj = cfg.model.projector
+  # The projector repeats the two widths it joins; an override of one width must set it too.
   if proj.input_size != v.hidden_size:
-    _fail('model.projector.input_size',
-          f'{proj.input_size} != model.vision.hidden_size {v.hidden_size}')
+    _fail('model.projector.input_size', f'{proj.input_size} != model.vision.hidden_size '
+          f'{v.hidden_size} (set --config.model.projector.input_size={v.hidden_size})')
   if proj.merged_size != 4 * v.hidden_size:
-    _fail('model.projector.merged_size', f'{proj.merged_size} != 4 * vision hidden {4 * v.hidden_size}')
+    _fail('model.projector.merged_size', f'{proj.merged_size} != 4 * model.vision.hidden_size '
+          f'(set --config.model.projector.merged_size={4 * v.hidden_size})')
   if proj.output_size != cfg.model.lm.hidden_size:
-    _fail('model.projector.output_size',
-          f'{proj.output_size} != model.lm.hidden_size {cfg.model.lm.hidden_size}')
+    _fail('model.projector.output_size', f'{proj.output_size} != model.lm.hidden_size '
+          f'{cfg.model.lm.hidden_size} (set --config.model.projector.output_size='
+          f'{cfg.model.lm.hidden_size})')
 
 
 def _one_of(cfg, key: str, choices):
@@ -150,9 +179,15 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict:
 def _check_train(cfg, num_devices: Optional[int]):
   for k in ('global_batch', 'seq_len', 'steps', 'microbatches', 'max_consecutive_nonfinite'):
     _positive_int(cfg, f'train.{k}')
+  _positive_int(cfg, 'train.seed', allow_zero=True)
+  _positive_float(cfg, 'train.grad_clip_norm', allow_zero=True)
   t = cfg.train
   if t.global_batch % t.microbatches:
     _fail('train.microbatches', f'{t.microbatches} microbatches do not divide global_batch {t.global_batch}')
+  fixed = [_get(cfg, f'mesh.{a}') for a in MESH_AXES]
+  if num_devices is None and -1 not in fixed:
+    # A fully specified mesh implies its device count (e.g. a pod mesh described on a laptop).
+    num_devices = math.prod(s for s in fixed if isinstance(s, int) and s > 0)
   if num_devices is not None:
     sizes = resolve_mesh_shape(cfg.mesh, num_devices)
     dp = sizes['data'] * sizes['fsdp'] * sizes['expert']
@@ -163,6 +198,12 @@ def _check_train(cfg, num_devices: Optional[int]):
     if cfg.model.lm.n_routed_experts % sizes['expert']:
       _fail('mesh.expert', f'expert axis {sizes["expert"]} does not divide '
             f'{cfg.model.lm.n_routed_experts} routed experts')
+    # Attention heads are split over the tensor axis (rules.py: heads -> tensor).
+    for block in ('lm', 'vision'):
+      heads = cfg.model[block].num_attention_heads
+      if heads % sizes['tensor']:
+        _fail('mesh.tensor', f'tensor axis {sizes["tensor"]} does not divide '
+              f'model.{block}.num_attention_heads {heads}')
   if t.seq_len > cfg.model.lm.max_position_embeddings:
     _fail('train.seq_len', f'{t.seq_len} exceeds model.lm.max_position_embeddings '
           f'{cfg.model.lm.max_position_embeddings}')
@@ -176,6 +217,16 @@ def _check_optim(cfg):
     _fail('optim.lr', f'must be positive, got {cfg.optim.lr}')
   _positive_int(cfg, 'optim.warmup_steps', allow_zero=True)
   _positive_int(cfg, 'optim.ns_steps')
+  for k in ('b1', 'b2', 'momentum'):
+    _in_unit_interval(cfg, f'optim.{k}')
+  _positive_float(cfg, 'optim.eps')
+  _positive_float(cfg, 'optim.weight_decay', allow_zero=True)
+  if not 0 <= _get(cfg, 'optim.end_lr_ratio') <= 1:
+    _fail('optim.end_lr_ratio', f'must be in [0, 1], got {cfg.optim.end_lr_ratio!r}')
+
+
+def _check_metrics(cfg):
+  _positive_int(cfg, 'metrics.log_every')
 
 
 # Extra checks registered by later subsystems (data, trainer, RL) without editing this file's core.
@@ -203,6 +254,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   _check_vision(config)
   _check_train(config, num_devices)
   _check_optim(config)
+  _check_metrics(config)
   for fn in _EXTRA_CHECKS:
     fn(config)
   return config
