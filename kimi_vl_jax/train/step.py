@@ -1,0 +1,174 @@
+"""One jitted train step: loss, gradients (optionally accumulated over microbatches), global-norm
+clipping, optimizer update, router-bias update and metrics, with explicit in/out shardings.
+
+A ``Task`` says what is trained: ``init(rng) -> variables`` and
+``loss(params, extra, batch, rng) -> (objective_sum, aux)`` where ``aux['sums']`` are added over
+microbatches (must contain ``denom``, the normalizer of ``objective_sum``, e.g. the number of
+target tokens) and ``aux['means']`` are averaged. Dividing the summed objective by the summed
+denominator once makes accumulation over M microbatches equal to one big batch.
+
+Non-finite loss or gradients: parameters, optimizer state and router stay as they were, the step
+counts as skipped, and ``nonfinite_run`` grows; the loop raises after N in a row. So a state never
+holds NaNs, and neither does a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kimi_vl_jax.parallel import sharding as shard_lib
+from kimi_vl_jax.train import losses
+from kimi_vl_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What a stage trains (see the module docstring)."""
+  name: str
+  init: Callable[[jax.Array], dict]
+  loss: Callable[..., tuple[jax.Array, dict]]
+  source_names: tuple[str, ...] = ()
+  model: Any = None           # the Flax module, for evaluation / generation
+  model_config: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  microbatches: int = 1
+  grad_clip_norm: float = 1.0          # 0 = off
+  router_bias_rate: float = 0.0        # u of b += u * sign(mean_load - load); 0 = frozen bias
+  param_cast_dtype: str = 'none'       # 'bfloat16': forward/backward in bf16 from fp32 masters
+
+
+def _cast(tree, dtype_name: str):
+  if dtype_name in ('none', '', None):
+    return tree
+  dtype = jnp.dtype(dtype_name)
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _split_micro(batch, m: int):
+  """[B, ...] -> [M, B/M, ...] taking rows i*M + j into microbatch j, so every data shard
+  contributes equally to each microbatch (no resharding of the batch axis)."""
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape(b // m, m, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _masked(tree, mask, fill_fn):
+  if mask is None:
+    return tree
+  return jax.tree.map(lambda x, keep: x if keep else fill_fn(x), tree, mask)
+
+
+def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfig,
+                    trainable: Optional[Any] = None,
+                    lr_fn: Optional[Callable[[jax.Array], jax.Array]] = None):
+  """Returns ``step(state, batch) -> (state, metrics)`` (pure; jit it with ``jit_train_step``).
+
+  Args:
+    trainable: optional pytree of python bools matching ``params``; False leaves get no gradient
+      (stop_gradient in the forward, zero update), e.g. the LM in the alignment stage.
+    lr_fn: schedule, only for the ``lr`` metric.
+  """
+
+  def loss_of(params, extra, batch, rng):
+    params = _masked(params, trainable, jax.lax.stop_gradient)
+    obj, aux = task.loss(_cast(params, cfg.param_cast_dtype), extra, batch, rng)
+    return obj.astype(jnp.float32), aux
+
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+  def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    if cfg.microbatches == 1:
+      (obj, aux), grads = grad_fn(state.params, state.extra, batch, rng)
+      sums, means = aux['sums'], aux.get('means', {})
+    else:
+      micro = _split_micro(batch, cfg.microbatches)
+
+      def body(carry, xs):
+        g_acc, obj_acc, sums_acc, means_acc = carry
+        mb, i = xs
+        (o, a), g = grad_fn(state.params, state.extra, mb, jax.random.fold_in(rng, i))
+        add = lambda u, v: jax.tree.map(jnp.add, u, v)
+        return (add(g_acc, g), obj_acc + o, add(sums_acc, a['sums']),
+                add(means_acc, a.get('means', {}))), None
+
+      shapes = jax.eval_shape(grad_fn, state.params, state.extra,
+                              jax.tree.map(lambda x: x[0], micro), rng)
+      (_, aux0), g0 = shapes
+      zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+      init = (zeros(g0), jnp.zeros((), jnp.float32), zeros(aux0['sums']), zeros(aux0.get('means', {})))
+      (grads, obj, sums, means), _ = jax.lax.scan(
+          body, init, (micro, jnp.arange(cfg.microbatches)))
+      means = jax.tree.map(lambda x: x / cfg.microbatches, means)
+
+    denom = jnp.maximum(sums['denom'].astype(jnp.float32), 1e-9)
+    loss = obj / denom
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32) / denom, grads)
+    grads = _masked(grads, trainable, jnp.zeros_like)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if cfg.grad_clip_norm > 0:
+      scale = jnp.minimum(1.0, cfg.grad_clip_norm / jnp.maximum(grad_norm, 1e-12))
+      grads = jax.tree.map(lambda g: g * scale, grads)
+    # A non-finite gradient would poison the optimizer moments even if discarded afterwards in
+    # a data-dependent way; feed zeros and drop the whole result instead.
+    grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = _masked(updates, trainable, jnp.zeros_like)
+    params = optax.apply_updates(state.params, updates)
+
+    extra = state.extra
+    if 'router' in extra and 'load_le' in sums and cfg.router_bias_rate > 0:
+      from kimi_vl_jax.models.moe import update_router_bias
+      extra = dict(extra, router=update_router_bias(extra['router'], sums['load_le'],
+                                                    cfg.router_bias_rate))
+
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        extra=keep(extra, state.extra),
+        nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+        skipped_total=state.skipped_total + jnp.where(finite, 0, 1))
+
+    n_upd = sum(x.size for x in jax.tree.leaves(updates))
+    sq = sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in jax.tree.leaves(updates))
+    metrics = {
+        'loss': loss,
+        'grad_norm': grad_norm,
+        'update_rms': jnp.sqrt(sq / max(n_upd, 1)),
+        'skipped': (~finite).astype(jnp.int32),
+        'nonfinite_run': new_state.nonfinite_run,
+        'target_tokens': sums['denom'],
+        **{k: v for k, v in means.items()},
+    }
+    if lr_fn is not None:
+      metrics['lr'] = lr_fn(state.step)
+    if 'source_loss_sum' in sums and sums['source_loss_sum'].shape[0]:
+      metrics['source_loss'] = sums['source_loss_sum'] / jnp.maximum(sums['source_weight_sum'], 1.0)
+      metrics['source_tokens'] = sums['source_weight_sum']
+    if 'load_le' in sums:
+      metrics.update(losses.expert_load_stats(sums['load_le']))
+    if 'dropped' in sums:
+      metrics['dropped_tokens'] = sums['dropped']
+    return new_state, metrics
+
+  return step
+
+
+def jit_train_step(step_fn, state_sh: TrainState, batch_example, mesh: Mesh):
+  """``jax.jit`` with explicit in/out shardings; the state is donated."""
+  batch_sh = shard_lib.batch_shardings(batch_example, mesh)
+  metrics_sh = NamedSharding(mesh, P())
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))
