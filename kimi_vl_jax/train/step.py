@@ -114,7 +114,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
     loss = obj / denom
     grads = jax.tree.map(lambda g: g.astype(jnp.float32) / denom, grads)
     grads = _masked(grads, trainable, jnp.zeros_like)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if cfg.grad_clip_norm > 0:
       scale = jnp.minimum(1.0, cfg.grad_clip_norm / jnp.maximum(grad_norm, 1e-12))

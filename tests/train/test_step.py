@@ -1,0 +1,60 @@
+"""Train step: microbatch accumulation == one batch, non-finite skip, frozen params, shardings."""
+import chex
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from kimi_vl_jax.train import step as step_lib
+
+
+def test_accumulation_matches_single_batch(toy):
+  tx = optax.adamw(1e-2)
+  out = []
+  for m in (1, 2):
+    task = toy.task()
+    cfg = step_lib.StepConfig(microbatches=m, grad_clip_norm=1.0)
+    mesh, sh, st = toy.setup(task, tx, cfg)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(task, tx, cfg), sh, toy.batch(0), mesh)
+    for i in range(2):
+      st, metrics = fn(st, toy.batch(i))
+    out.append((st.params, metrics['loss'], metrics['grad_norm']))
+  chex.assert_trees_all_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+  emb = out[0][0]['embed']['embedding']
+  assert emb.sharding.spec[1] == 'fsdp', emb.sharding  # explicit out shardings kept
+
+
+def test_nonfinite_step_is_skipped_and_counted(toy):
+  tx = optax.adamw(1e-2)
+  task = toy.task(poison=True)
+  cfg = step_lib.StepConfig()
+  mesh, sh, st = toy.setup(task, tx, cfg)
+  fn = step_lib.jit_train_step(step_lib.make_train_step(task, tx, cfg), sh, toy.batch(0), mesh)
+  st, m = fn(st, toy.batch(0))
+  before = jax.device_get(st.params)
+  bad = toy.batch(1)
+  bad['tokens'][0, 0] = 0  # poisons the loss with NaN
+  for k in range(2):
+    st, m = fn(st, bad)
+    assert int(m['skipped']) == 1 and int(m['nonfinite_run']) == k + 1
+  chex.assert_trees_all_equal(jax.device_get(st.params), before)
+  chex.assert_tree_all_finite(jax.device_get(st.opt_state))
+  st, m = fn(st, toy.batch(2))
+  assert int(m['skipped']) == 0 and int(st.nonfinite_run) == 0 and int(st.skipped_total) == 2
+
+
+def test_frozen_params_do_not_move(toy):
+  tx = optax.adamw(1e-2, weight_decay=0.1)
+  task = toy.task()
+  cfg = step_lib.StepConfig()
+  abstract = nn.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))['params']
+  trainable = {k: jax.tree.map(lambda _: k == 'lm_head', v) for k, v in abstract.items()}
+  mesh, sh, st = toy.setup(task, tx, cfg)
+  before = jax.device_get(st.params)
+  fn = step_lib.jit_train_step(step_lib.make_train_step(task, tx, cfg, trainable), sh, toy.batch(0), mesh)
+  for i in range(2):
+    st, _ = fn(st, toy.batch(i))
+  after = jax.device_get(st.params)
+  chex.assert_trees_all_equal(after['embed'], before['embed'])
+  chex.assert_trees_all_equal(after['body'], before['body'])
+  assert not np.allclose(after['lm_head']['kernel'], before['lm_head']['kernel'])
