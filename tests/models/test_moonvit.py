@@ -1,0 +1,165 @@
+"""MoonViT + projector equal transformers' Kimi_K25VisionModel + Kimi_K25MultimodalProjection.
+
+One pack holds three non-square images: one smaller than the 8x8 position table, one larger
+on both sides, one larger on one side; the rest of the buffer is empty slots. The reference
+runs the same images in raster order; its weights are converted with convert/hf_vision.py
+(kimi_k25 naming, so the rotate_half -> interleaved q/k row permutation is exercised).
+"""
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from ml_collections import FrozenConfigDict
+from transformers.models.kimi_k25.configuration_kimi_k25 import Kimi_K25VisionConfig
+from transformers.models.kimi_k25.modeling_kimi_k25 import (Kimi_K25MultimodalProjection,
+                                                            Kimi_K25VisionModel)
+
+from kimi_vl_jax.config import presets
+from kimi_vl_jax.convert import hf_vision
+from kimi_vl_jax.data import patch_packing
+from kimi_vl_jax.models.moonvit import MoonViT
+from kimi_vl_jax.models.projector import Projector
+
+GRIDS = [(4, 6), (12, 10), (2, 14)]     # 8x8 table: smaller, larger, larger in w only
+MAX_PATCHES = 192                        # 172 real patches + 20 empty slots
+
+
+def _configs(**vision_overrides):
+  model = presets.get_preset('tiny')
+  model.vision.update(vision_overrides)
+  return model, FrozenConfigDict(model.vision), FrozenConfigDict(model.projector)
+
+
+def _torch_reference(model_cfg, seed=0):
+  v = model_cfg.vision
+  hf_cfg = Kimi_K25VisionConfig(
+      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+      num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+      pos_emb_height=v.init_pos_emb_height, pos_emb_width=v.init_pos_emb_width,
+      patch_size=v.patch_size, rope_parameters={'rope_type': 'axial', 'rope_theta': v.rope_theta})
+  hf_cfg._attn_implementation = 'sdpa'
+  torch.manual_seed(seed)
+  tower = Kimi_K25VisionModel(hf_cfg).eval()
+  ns = types.SimpleNamespace(
+      vision_config=hf_cfg, projection_hidden_size=v.hidden_size, projection_layer_norm_eps=1e-5,
+      text_config=types.SimpleNamespace(hidden_size=model_cfg.lm.hidden_size))
+  proj = Kimi_K25MultimodalProjection(ns).eval()
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for module in (tower, proj):
+      for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        p.copy_(1.0 + 0.1 * noise if name.endswith('norm1.weight') or name.endswith('norm2.weight')
+                or 'layernorm.weight' in name or 'pre_norm.weight' in name else 0.2 * noise)
+  return tower, proj
+
+
+def _images(grids, seed):
+  rng = np.random.default_rng(seed)
+  return [(rng.normal(size=(h * w, 588)).astype(np.float32), (h, w)) for h, w in grids]
+
+
+def _params(tower, proj, vision_cfg, proj_cfg):
+  vt = {k: v.numpy() for k, v in tower.state_dict().items()}
+  pt = {k: v.numpy() for k, v in proj.state_dict().items()}
+  return (hf_vision.vision_from_hf(vt, vision_cfg, prefix=''),
+          hf_vision.projector_from_hf(pt, proj_cfg, prefix=''))
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model_cfg, vision_cfg, proj_cfg = _configs()
+  tower, proj = _torch_reference(model_cfg)
+  vparams, pparams = _params(tower, proj, vision_cfg, proj_cfg)
+  traces = []
+
+  def forward(vp, pp, batch):
+    traces.append(1)   # runs only while tracing
+    feats = MoonViT(vision_cfg).apply({'params': vp}, batch['patches'], batch['segment_ids'],
+                                      batch['rows'], batch['cols'], batch['grid_h'], batch['grid_w'])
+    tokens, token_seg = Projector(proj_cfg).apply({'params': pp}, feats, batch['segment_ids'])
+    return feats, tokens, token_seg
+
+  return dict(tower=tower, proj=proj, vparams=vparams, pparams=pparams,
+              forward=jax.jit(forward), traces=traces, vision_cfg=vision_cfg)
+
+
+def _reference_outputs(tower, proj, images):
+  pixels = torch.from_numpy(np.concatenate([p for p, _ in images])).reshape(-1, 3, 14, 14)
+  grid_thw = torch.tensor([[1, h, w] for _, (h, w) in images])
+  with torch.no_grad():
+    out = tower(pixels, grid_thw)
+    tokens = proj(out.pooler_output).squeeze(1)
+  return out.last_hidden_state.numpy(), tokens.numpy()
+
+
+def _check_parity(setup, grids, seed):
+  images = _images(grids, seed)
+  pack = patch_packing.pack_images(images, MAX_PATCHES)
+  batch = {k: jnp.asarray(v[None]) for k, v in pack.arrays().items()}
+  feats, tokens, token_seg = setup['forward'](setup['vparams'], setup['pparams'], batch)
+  feats, tokens, token_seg = np.asarray(feats[0]), np.asarray(tokens[0]), np.asarray(token_seg[0])
+  ref_feats, ref_tokens = _reference_outputs(setup['tower'], setup['proj'], images)
+  # Reference features are raster per image; reorder to the pack's merge-block order.
+  start, want = 0, []
+  for _, (h, w) in images:
+    want.append(patch_packing.raster_to_merge_order(ref_feats[start:start + h * w], h, w))
+    start += h * w
+  want = np.concatenate(want)
+  n_real, n_tok = pack.num_real_patches, sum(pack.num_tokens)
+  assert n_tok == ref_tokens.shape[0]
+  np.testing.assert_allclose(feats[:n_real], want, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(tokens[:n_tok], ref_tokens, atol=1e-4, rtol=0)
+  # Empty slots and empty tokens are exact zeros.
+  chex.assert_trees_all_equal(feats[n_real:], np.zeros_like(feats[n_real:]))
+  chex.assert_trees_all_equal(tokens[n_tok:], np.zeros_like(tokens[n_tok:]))
+  np.testing.assert_array_equal(token_seg, pack.segment_ids[::4])
+
+
+def test_parity_with_transformers_three_images_one_pack(setup):
+  _check_parity(setup, GRIDS, seed=0)
+
+
+def test_second_size_mix_does_not_retrace(setup):
+  _check_parity(setup, GRIDS, seed=0)
+  n = len(setup['traces'])
+  # Different sizes, count and order of images; same buffer shape -> same compiled graph.
+  _check_parity(setup, [(10, 4), (2, 2), (6, 16), (6, 6)], seed=3)
+  assert len(setup['traces']) == n == 1
+  assert setup['forward']._cache_size() == 1
+
+
+def test_unscanned_remat_layout_matches_scanned(setup):
+  """scan_layers=False + remat 'full' computes the same function (params relaid via HF names)."""
+  model_cfg, vision_cfg, proj_cfg = _configs(scan_layers=False, remat_policy='full')
+  hf = hf_vision.vision_to_hf(setup['vparams'], setup['vision_cfg'], naming='release')
+  vparams = hf_vision.vision_from_hf(hf, vision_cfg)
+  assert 'blocks_1' in vparams
+  pack = patch_packing.pack_images(_images(GRIDS, 0), MAX_PATCHES)
+  args = [jnp.asarray(v[None]) for v in pack.arrays().values()]
+  want = MoonViT(setup['vision_cfg']).apply({'params': setup['vparams']}, *args)
+
+  def loss(vp):
+    return jnp.sum(MoonViT(vision_cfg).apply({'params': vp}, *args) ** 2)
+
+  got = MoonViT(vision_cfg).apply({'params': vparams}, *args)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  grads = jax.grad(loss)(vparams)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def test_init_annotates_every_param_with_logical_axes():
+  _, vision_cfg, _ = _configs()
+  from kimi_vl_jax.models.moonvit import dummy_inputs
+  import flax.linen as nn
+  variables = jax.eval_shape(lambda: MoonViT(vision_cfg).init(jax.random.PRNGKey(0),
+                                                               *dummy_inputs(vision_cfg)))
+  leaves = jax.tree.leaves(variables['params'], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  stacked = variables['params']['blocks']['block']['wqkv']['kernel']
+  assert stacked.names == ('layers', 'vision_embed', 'vision_heads')
+  chex.assert_shape(stacked.value, (2, 32, 96))
