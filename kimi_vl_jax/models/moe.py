@@ -1,0 +1,223 @@
+"""DeepSeek-V3 / Moonlight MoE block (SPEC §3.2): noaux_tc router, routed + shared experts.
+
+Variables (names follow transformers' ``DeepseekV3MoE`` so conversion is a rename):
+- ``params/gate/kernel`` [D, E] (logical ('embed', 'experts')): router weight (HF ``gate.weight``.T).
+- ``router/gate/e_score_correction_bias`` [E] fp32: selection-only bias; no gradient; updated by
+  the train step with ``update_router_bias``.
+- ``params/experts/{gate_proj, up_proj}`` [E, D, F] and ``params/experts/down_proj`` [E, F, D]
+  (logical ('experts', 'embed', 'expert_mlp') / ('experts', 'expert_mlp', 'embed')).
+- ``params/shared_experts/{gate_proj, up_proj, down_proj}/kernel``: one SwiGLU of width
+  n_shared_experts * moe_intermediate_size.
+
+Routing (fp32): s = sigmoid(x @ W); choice = s + bias; group-limited top-k (group score = sum of
+the top-2 choice scores of the group; keep topk_group groups); w = s[idx] / (sum + 1e-20) *
+routed_scaling_factor. Padding tokens (segment id 0) are not routed at all: they use no expert
+capacity, add nothing to the load statistics, and get only the shared-expert output.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from ml_collections import FrozenConfigDict
+
+from kimi_vl_jax.ops import moe_dispatch
+from kimi_vl_jax.ops.moe_ep import expert_parallel_size, expert_parallel_ffn
+
+
+def route(x_td, kernel_de, bias_e, *, top_k: int, n_group: int, topk_group: int,
+          routed_scaling_factor: float, norm_topk_prob: bool = True):
+  """noaux_tc routing, exactly as transformers' ``DeepseekV3TopkRouter``.
+
+  Returns (scores_te fp32 sigmoid scores, idx_tk int32 expert ids, w_tk fp32 combine weights).
+  The bias only affects which experts are chosen, never the weights.
+  """
+  t = x_td.shape[0]
+  e = kernel_de.shape[-1]
+  logits_te = jnp.dot(x_td.astype(jnp.float32), kernel_de.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  scores_te = jax.nn.sigmoid(logits_te)
+  choice_te = jax.lax.stop_gradient(scores_te) + bias_e.astype(jnp.float32)
+  if n_group > 1:
+    per_group = e // n_group
+    choice_tgx = choice_te.reshape(t, n_group, per_group)
+    group_tg = jax.lax.top_k(choice_tgx, min(2, per_group))[0].sum(-1)
+    _, group_idx = jax.lax.top_k(group_tg, topk_group)
+    keep_tg = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], group_idx].set(True)
+    choice_te = jnp.where(jnp.repeat(keep_tg, per_group, axis=1), choice_te, -jnp.inf)
+  _, idx_tk = jax.lax.top_k(choice_te, top_k)
+  w_tk = jnp.take_along_axis(scores_te, idx_tk, axis=1)
+  if norm_topk_prob:
+    w_tk = w_tk / (w_tk.sum(-1, keepdims=True) + 1e-20)
+  return scores_te, idx_tk.astype(jnp.int32), w_tk * routed_scaling_factor
+
+
+def sequence_balance_loss(scores_te, idx_tk, seg_key_t, num_segments: int, top_k: int):
+  """DeepSeek-V3 sequence-wise balance loss, averaged over the sequences present.
+
+  Per sequence s with T_s tokens: f_i = E / (K T_s) * #{t: i in topk(t)},
+  P_i = mean_t s_it / sum_j s_jt; loss_s = sum_i f_i P_i (1 when perfectly balanced).
+  seg_key_t: [T] int sequence key in [0, num_segments); padding tokens carry num_segments.
+  """
+  e = scores_te.shape[-1]
+  valid_t = seg_key_t < num_segments
+  norm_te = scores_te / scores_te.sum(-1, keepdims=True)
+  hits_te = jnp.zeros_like(scores_te).at[jnp.arange(idx_tk.shape[0])[:, None], idx_tk].add(
+      1.0, mode='drop')
+  seg = jnp.where(valid_t, seg_key_t, num_segments)
+  tokens_s = jax.ops.segment_sum(valid_t.astype(jnp.float32), seg, num_segments + 1)[:-1]
+  hits_se = jax.ops.segment_sum(hits_te, seg, num_segments + 1)[:-1]
+  prob_se = jax.ops.segment_sum(norm_te, seg, num_segments + 1)[:-1]
+  denom_s = jnp.maximum(tokens_s, 1.0)[:, None]
+  f_se = jax.lax.stop_gradient(hits_se * e / (top_k * denom_s))
+  loss_s = jnp.sum(f_se * prob_se / denom_s, axis=-1)
+  present_s = tokens_s > 0
+  return jnp.sum(jnp.where(present_s, loss_s, 0.0)) / jnp.maximum(present_s.sum(), 1)
+
+
+def update_router_bias(router_vars: Any, load_le, rate: float):
+  """Aux-loss-free balancing: b += rate * sign(mean_e load - load_e), per layer.
+
+  router_vars: the 'router' collection (any tree whose leaves are biases [..., E]).
+  load_le: routed-token counts, either a tree with the same structure, or one array
+  [L, E] whose rows follow the bias leaves in tree-flatten order (a single scanned leaf
+  [L, E] is the common case; a single [E] leaf takes load [E] or [1, E]).
+  Returns the updated tree (fp32 biases keep their dtype).
+  """
+  leaves, treedef = jax.tree.flatten(router_vars)
+  if not leaves:
+    raise ValueError('update_router_bias: router_vars has no e_score_correction_bias leaves')
+  if isinstance(load_le, (dict, list, tuple)) or hasattr(load_le, 'keys'):
+    loads = treedef.flatten_up_to(load_le)
+  else:
+    load_le = jnp.asarray(load_le)
+    rows = [int(jnp.size(b)) // b.shape[-1] for b in leaves]
+    flat = load_le.reshape(-1, load_le.shape[-1])
+    if sum(rows) != flat.shape[0] or flat.shape[-1] != leaves[0].shape[-1]:
+      raise ValueError(f'update_router_bias: load shape {load_le.shape} does not match the '
+                       f'router biases {[b.shape for b in leaves]}')
+    splits, start = [], 0
+    for b, r in zip(leaves, rows):
+      splits.append(flat[start:start + r].reshape(b.shape))
+      start += r
+    loads = splits
+
+  def one(b, load):
+    load = load.astype(jnp.float32)
+    delta = jnp.sign(load.mean(-1, keepdims=True) - load)
+    return (b.astype(jnp.float32) + rate * delta).astype(b.dtype)
+
+  return jax.tree.unflatten(treedef, [one(b, l) for b, l in zip(leaves, loads)])
+
+
+class MoEGate(nn.Module):
+  """Router weight [D, E] plus the non-trainable selection bias (collection 'router')."""
+  config: FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x_td):
+    cfg = self.config
+    kernel = self.param(
+        'kernel', nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.initializer_range), ('embed', 'experts')),
+        (cfg.hidden_size, cfg.n_routed_experts), jnp.dtype(cfg.param_dtype))
+    bias = self.variable(
+        'router', 'e_score_correction_bias',
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ('experts',)),
+        jax.random.PRNGKey(0), (cfg.n_routed_experts,), jnp.float32)
+    bias_e = nn.unbox(bias.value)
+    return route(x_td, kernel, jax.lax.stop_gradient(bias_e), top_k=cfg.num_experts_per_tok,
+                 n_group=cfg.n_group, topk_group=cfg.topk_group,
+                 routed_scaling_factor=cfg.routed_scaling_factor,
+                 norm_topk_prob=cfg.norm_topk_prob)
+
+
+class RoutedExperts(nn.Module):
+  """The stacked expert weights; returns them cast to the compute dtype."""
+  config: FrozenConfigDict
+
+  @nn.compact
+  def __call__(self):
+    cfg = self.config
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    init = nn.initializers.normal(cfg.initializer_range)
+    pdt = jnp.dtype(cfg.param_dtype)
+    mk = lambda name, shape, axes: self.param(
+        name, nn.with_logical_partitioning(init, axes), shape, pdt)
+    w_gate = mk('gate_proj', (e, d, f), ('experts', 'embed', 'expert_mlp'))
+    w_up = mk('up_proj', (e, d, f), ('experts', 'embed', 'expert_mlp'))
+    w_down = mk('down_proj', (e, f, d), ('experts', 'expert_mlp', 'embed'))
+    return w_gate, w_up, w_down
+
+
+class SharedExperts(nn.Module):
+  """SwiGLU MLP of width n_shared_experts * moe_intermediate_size (HF ``shared_experts``)."""
+  config: FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x_btd):
+    cfg = self.config
+    width = cfg.n_shared_experts * cfg.moe_intermediate_size
+    init = nn.initializers.normal(cfg.initializer_range)
+    dense = lambda name, feats, axes: nn.Dense(
+        feats, use_bias=False, name=name, dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=nn.with_logical_partitioning(init, axes))
+    g = dense('gate_proj', width, ('embed', 'mlp'))(x_btd)
+    u = dense('up_proj', width, ('embed', 'mlp'))(x_btd)
+    h = nn.with_logical_constraint(jax.nn.silu(g) * u, ('batch', 'length', 'act_mlp'))
+    return dense('down_proj', cfg.hidden_size, ('mlp', 'embed'))(h)
+
+
+class MoEBlock(nn.Module):
+  """Routed experts + shared experts. ``__call__(x_btd, segment_ids_bt) -> (y_btd, aux)``.
+
+  aux: 'load_e' fp32 [E] routed assignments per expert over non-padding tokens, 'dropped'
+  int32 (capacity drops), 'balance_loss' fp32 (alpha-weighted sequence-wise loss; 0 when
+  seq_balance_loss_alpha == 0). Expert parallelism: when the ambient mesh
+  (``jax.set_mesh``) has an 'expert' axis larger than 1, tokens are exchanged with
+  all-to-all so every device runs only its own experts.
+  """
+  config: FrozenConfigDict
+
+  @nn.compact
+  def __call__(self, x_btd, segment_ids_bt):
+    cfg = self.config
+    b, s, d = x_btd.shape
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    dtype = jnp.dtype(cfg.dtype)
+    x_td = x_btd.reshape(b * s, d)
+    valid_t = segment_ids_bt.reshape(-1) > 0
+
+    scores_te, idx_tk, w_tk = MoEGate(cfg, name='gate')(x_td)
+    idx_tk = jnp.where(valid_t[:, None], idx_tk, e)          # padding: not routed
+    w_tk = jnp.where(valid_t[:, None], w_tk, 0.0)
+    load_e = jnp.zeros((e + 1,), jnp.float32).at[idx_tk.reshape(-1)].add(1.0)[:e]
+
+    w_gate, w_up, w_down = RoutedExperts(cfg, name='experts')()
+    kwargs = dict(backend=cfg.moe_backend, capacity_factor=float(cfg.moe_capacity_factor),
+                  dtype=dtype)
+    if expert_parallel_size() > 1:
+      routed_btd, dropped = expert_parallel_ffn(
+          x_btd.astype(dtype), idx_tk.reshape(b, s, k), w_tk.reshape(b, s, k),
+          w_gate, w_up, w_down, **kwargs)
+      routed_td = routed_btd.reshape(b * s, d)
+    else:
+      routed_td, dropped = moe_dispatch.expert_ffn(x_td, idx_tk, w_tk, w_gate, w_up, w_down,
+                                                   **kwargs)
+
+    y_btd = routed_td.reshape(b, s, d)
+    if cfg.n_shared_experts > 0:
+      y_btd = y_btd + SharedExperts(cfg, name='shared_experts')(x_btd).astype(jnp.float32)
+
+    balance = jnp.float32(0.0)
+    if cfg.seq_balance_loss_alpha > 0:
+      # One sequence = one (row, segment id) pair of the packed batch.
+      seg_key_t = (jnp.arange(b)[:, None] * (s + 1) + segment_ids_bt).reshape(-1)
+      seg_key_t = jnp.where(valid_t, seg_key_t, b * (s + 1))
+      balance = cfg.seq_balance_loss_alpha * sequence_balance_loss(
+          scores_te, idx_tk, seg_key_t, b * (s + 1), k)
+    aux = {'load_e': load_e, 'dropped': jnp.asarray(dropped, jnp.int32),
+           'balance_loss': balance.astype(jnp.float32)}
+    return y_btd.astype(x_btd.dtype), aux
