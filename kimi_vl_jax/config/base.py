@@ -27,7 +27,16 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       microbatches=1,          # gradient accumulation
       grad_clip_norm=1.0,      # 0 = off
       max_consecutive_nonfinite=3,
+      # Trainer (kimi_vl_jax/train/).
+      param_cast_dtype='none',   # none | bfloat16: bf16 forward/backward from fp32 master weights
+      loss_vocab_chunk=0,        # > 0: CE over vocabulary chunks of this size (no full logits)
+      checkpoint_every=0,        # steps between checkpoints inside a stage (0 = stage end only)
+      keep_checkpoints=2,        # last N per stage (each stage's final is kept as well)
+      async_checkpoints=True,
+      profile_start=-1,          # global step of the first traced step (-1 = no trace)
+      profile_steps=3,
   ))
+  c.stages = stages_schema()
 
   c.optim = ml_collections.ConfigDict(dict(
       name='muon',             # muon | adamw
@@ -50,3 +59,61 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       progress=True,
   ))
   return c
+
+
+# The curriculum of SPEC §6, in order. Each stage starts from the previous one's last checkpoint.
+STAGE_NAMES = ('vit_pretrain', 'alignment', 'joint_pretrain', 'cooldown', 'long_context_1',
+               'long_context_2', 'sft_1', 'sft_2', 'long_cot_sft')
+
+
+def stage_block(**overrides) -> ml_collections.ConfigDict:
+  """One stage's block (``config.stages.<name>``); 0 / -1 / '' mean "inherit from train/optim"."""
+  block = dict(
+      enabled=True,
+      task='kimi_vl',            # kimi_vl | lm | vit_pretrain
+      steps=0,                   # budget in optimizer steps (0: derive from tokens)
+      tokens=0,                  # budget in (padded) tokens = steps * global_batch * seq_len
+      global_batch=0,            # 0 = train.global_batch
+      seq_len_scale=1,           # rows of train.seq_len * scale tokens (long context: 4, 16)
+      lr=0.0,                    # peak lr (0 = optim.lr)
+      end_lr=-1.0,               # final lr (-1 = lr * optim.end_lr_ratio)
+      warmup_steps=-1,           # -1 = optim.warmup_steps
+      schedule='',               # '' = optim.schedule
+      trainable=(),              # regexes over '/'-joined param paths; () = everything trains
+      rope_theta=0.0,            # LM rope theta in this stage (0 = model.lm.rope_theta)
+      router_bias_rate=-1.0,     # -1 = model.lm.router_bias_update_rate; 0 freezes the bias
+      mixture='',                # 'source=weight,...' over the data sources
+      text_only_fraction=0.0,    # first fraction of the stage is text-only
+      multimodal_share_start=1.0,  # multimodal share right after the text-only warm-up ...
+      multimodal_share_end=1.0,    # ... rising linearly to this at the stage end
+      long_fraction=0.0,         # share of rows that are long documents (rest: short replay)
+      image_sides=(),            # progressive resolution: max image side per equal phase
+      loss_on='all',             # all | assistant (SFT: answers and the tokens that end them)
+      eval=(),                   # eval sets: vqa, ocr, counting, caption_ppl, needle
+      eval_every=0,              # steps between evals (0 = stage end only)
+  )
+  block.update(overrides)
+  return ml_collections.ConfigDict(block)
+
+
+def stages_schema() -> ml_collections.ConfigDict:
+  """The recipe's stage defaults (SPEC §6); experiments set budgets and mixtures."""
+  vision_side = (r'^vision_tower/', r'^multi_modal_projector/')
+  return ml_collections.ConfigDict(dict(
+      vit_pretrain=stage_block(task='vit_pretrain', image_sides=(112, 224)),
+      alignment=stage_block(trainable=vision_side),
+      joint_pretrain=stage_block(text_only_fraction=0.2, multimodal_share_start=0.1,
+                                 multimodal_share_end=0.5),
+      cooldown=stage_block(router_bias_rate=0.0, schedule='linear', end_lr=0.0,
+                           multimodal_share_start=0.5, multimodal_share_end=0.5),
+      long_context_1=stage_block(rope_theta=800000.0, seq_len_scale=4, long_fraction=0.25,
+                                 multimodal_share_start=0.5, multimodal_share_end=0.5),
+      long_context_2=stage_block(rope_theta=800000.0, seq_len_scale=16, long_fraction=0.25,
+                                 multimodal_share_start=0.5, multimodal_share_end=0.5),
+      sft_1=stage_block(rope_theta=800000.0, lr=2e-5, end_lr=2e-6, loss_on='assistant',
+                        router_bias_rate=0.0),
+      sft_2=stage_block(rope_theta=800000.0, lr=1e-5, end_lr=1e-6, seq_len_scale=4,
+                        loss_on='assistant', router_bias_rate=0.0),
+      long_cot_sft=stage_block(rope_theta=800000.0, lr=1e-5, end_lr=1e-6, loss_on='assistant',
+                               router_bias_rate=0.0),
+  ))

@@ -97,10 +97,23 @@ def _projector(vision_hidden: int, text_hidden: int, merge=(2, 2)) -> ml_collect
       layer_norm_eps=1e-5))
 
 
-def _preset(name: str, lm, vision) -> ml_collections.ConfigDict:
+def _coca(vision, vocab_size: int, layers: int) -> ml_collections.ConfigDict:
+  """CoCa heads of MoonViT pretraining (train/coca.py): text encoder + caption decoder widths.
+
+  The report starts them from SigLIP-SO400M's text tower and a small text LM; here they match
+  the vision width and are discarded after the ViT stage.
+  """
+  return ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size, width=vision.hidden_size, layers=layers,
+      heads=vision.num_attention_heads, mlp=vision.intermediate_size, max_len=64,
+      embed_dim=vision.hidden_size))
+
+
+def _preset(name: str, lm, vision, coca_layers: int = 2) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name=name, lm=lm, vision=vision,
-      projector=_projector(vision.hidden_size, lm.hidden_size, tuple(vision.merge_kernel_size))))
+      projector=_projector(vision.hidden_size, lm.hidden_size, tuple(vision.merge_kernel_size)),
+      coca=_coca(vision, lm.vocab_size, coca_layers)))
 
 
 def _tiny():
@@ -111,7 +124,7 @@ def _tiny():
            max_position_embeddings=4096, attention_block_size=64)
   vision = _vision(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                    num_attention_heads=2, init_pos_emb_height=8, init_pos_emb_width=8)
-  return _preset('tiny', lm, vision)
+  return _preset('tiny', lm, vision, coca_layers=1)
 
 
 def _small():
@@ -136,7 +149,7 @@ def _bench():
 
 
 def _kimi_vl_a3b():
-  return _preset('kimi_vl_a3b', _lm(), _vision())
+  return _preset('kimi_vl_a3b', _lm(), _vision(), coca_layers=12)
 
 
 _PRESETS = {'tiny': _tiny, 'small': _small, 'bench': _bench, 'kimi_vl_a3b': _kimi_vl_a3b}

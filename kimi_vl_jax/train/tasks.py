@@ -1,0 +1,155 @@
+"""Tasks: what a stage trains, as ``step.Task`` (init + loss over a host batch).
+
+- ``lm``: the MoE LM on token rows (text-only stages and unit tests).
+- ``kimi_vl``: MoonViT + projector + LM on rows with packed images (joint stages and SFT).
+- ``vit_pretrain``: MoonViT + CoCa heads on image/caption pairs (``L_siglip + 2 L_caption``).
+
+Batch keys (host numpy, leading axis B):
+  tokens, segment_ids, positions, loss_mask, source_ids: [B, S] int32 (LM rows);
+  patches [B, P, 588] float32 and patch_segment_ids, rows, cols, grid_h, grid_w [B, P] int32;
+  caption, caption_mask: [B, T] int32 (vit_pretrain only).
+
+The LM loss is next-token CE over ``loss_mask``-ed targets (``losses.shift_targets``) plus
+``seq_balance_loss_alpha * balance_loss``. With ``train.loss_vocab_chunk > 0`` the CE is computed
+chunk by chunk over the vocabulary from the final hidden states (``losses.chunked_cross_entropy``):
+the LM's ``lm_head`` call is intercepted to return its input, so full logits never exist.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import FrozenConfigDict
+
+from kimi_vl_jax.train import losses
+from kimi_vl_jax.train.coca import CocaHeads
+from kimi_vl_jax.train.step import Task
+
+LM_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask', 'source_ids')
+PATCH_KEYS = ('patches', 'patch_segment_ids', 'rows', 'cols', 'grid_h', 'grid_w')
+
+
+def _hidden_interceptor(next_fun, args, kwargs, context):
+  """Returns lm_head's input (the normed hidden states) instead of its logits."""
+  if context.method_name == '__call__' and context.module.name == 'lm_head':
+    return args[0]
+  return next_fun(*args, **kwargs)
+
+
+def lm_objective(logits_or_hidden, lm_head_kernel, batch, aux, lm_cfg, vocab_chunk: int,
+                 num_sources: int):
+  """(objective_sum, aux) of the LM part; ``logits_or_hidden`` is hidden iff vocab_chunk > 0."""
+  targets, weights = losses.shift_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
+  if vocab_chunk > 0:
+    nll = losses.chunked_cross_entropy(logits_or_hidden, lm_head_kernel, targets,
+                                       chunk_size=vocab_chunk,
+                                       soft_cap=float(lm_cfg.logits_soft_cap),
+                                       compute_dtype=jnp.dtype(lm_cfg.dtype))
+  else:
+    nll = losses.cross_entropy_from_logits(logits_or_hidden, targets)
+  sums = losses.weighted_sums(nll, weights, batch.get('source_ids'), num_sources)
+  balance = aux.get('balance_loss', jnp.zeros((), jnp.float32))
+  alpha = float(lm_cfg.seq_balance_loss_alpha)
+  objective = sums['loss_sum'] + alpha * balance * sums['weight_sum']
+  out = {'denom': sums['weight_sum'], 'source_loss_sum': sums['source_loss_sum'],
+         'source_weight_sum': sums['source_weight_sum']}
+  if 'load_le' in aux and aux['load_le'].size:
+    out['load_le'] = aux['load_le']
+    out['dropped'] = aux['dropped'].astype(jnp.float32)
+  return objective, {'sums': out, 'means': {'balance_loss': balance}}
+
+
+def _apply_lm_like(model, variables, args, kwargs, vocab_chunk: int):
+  if vocab_chunk > 0:
+    with nn.intercept_methods(_hidden_interceptor):
+      return model.apply(variables, *args, **kwargs)
+  return model.apply(variables, *args, **kwargs)
+
+
+def _lm_head_kernel(params):
+  if 'lm_head' in params:
+    return params['lm_head']['kernel']
+  return params['language_model']['lm_head']['kernel']
+
+
+def lm_task(model_cfg, train_cfg, source_names=()) -> Task:
+  from kimi_vl_jax.models.lm import MoeLM
+  lm_cfg = FrozenConfigDict(model_cfg.lm)
+  model = MoeLM(lm_cfg)
+  chunk = int(train_cfg.get('loss_vocab_chunk', 0))
+  k = len(source_names)
+
+  def init(rng):
+    z = jnp.zeros((1, 8), jnp.int32)
+    return model.init(rng, z, jnp.ones_like(z), z)
+
+  def loss(params, extra, batch, rng):
+    del rng
+    out, aux = _apply_lm_like(model, {'params': params, **extra},
+                              (batch['tokens'], batch['segment_ids'], batch['positions']), {}, chunk)
+    return lm_objective(out, _lm_head_kernel(params), batch, aux, lm_cfg, chunk, k)
+
+  return Task('lm', init, loss, tuple(source_names), model, lm_cfg)
+
+
+def kimi_vl_task(model_cfg, train_cfg, source_names=()) -> Task:
+  from kimi_vl_jax.models.kimi_vl import KimiVL, dummy_batch
+  cfg = FrozenConfigDict(model_cfg)
+  model = KimiVL(cfg)
+  chunk = int(train_cfg.get('loss_vocab_chunk', 0))
+  k = len(source_names)
+
+  def init(rng):
+    return model.init(rng, **dummy_batch(cfg))
+
+  def loss(params, extra, batch, rng):
+    del rng
+    kwargs = {key: batch[key] for key in ('tokens', 'segment_ids', 'positions') + PATCH_KEYS}
+    out, aux = _apply_lm_like(model, {'params': params, **extra}, (), kwargs, chunk)
+    return lm_objective(out, _lm_head_kernel(params), batch, aux, cfg.lm, chunk, k)
+
+  return Task('kimi_vl', init, loss, tuple(source_names), model, cfg)
+
+
+class VitPretrainModel(nn.Module):
+  """MoonViT (parameters under ``vision_tower``, as in Kimi-VL) + CoCa heads."""
+  config: FrozenConfigDict   # the model block (vision) + coca head block
+
+  @nn.compact
+  def __call__(self, patches, patch_segment_ids, rows, cols, grid_h, grid_w, caption, caption_mask):
+    from kimi_vl_jax.models.moonvit import MoonViT
+    feats = MoonViT(self.config.vision, name='vision_tower')(
+        patches, patch_segment_ids, rows, cols, grid_h, grid_w)
+    # One image per example in this stage: every real patch belongs to segment 1.
+    return CocaHeads(self.config.coca, name='coca')(
+        feats.astype(jnp.float32), (patch_segment_ids > 0).astype(jnp.int32), caption, caption_mask)
+
+
+def vit_pretrain_task(model_cfg, num_patches: int = 16, caption_len: int = 8) -> Task:
+  cfg = FrozenConfigDict({'vision': model_cfg.vision.to_dict(), 'coca': model_cfg.coca.to_dict()})
+  model = VitPretrainModel(cfg)
+  patch_dim = cfg.vision.num_channels * cfg.vision.patch_size ** 2
+
+  def init(rng):
+    seg = jnp.ones((1, num_patches), jnp.int32)
+    grid = jnp.full((1, num_patches), 2, jnp.int32)
+    cap = jnp.ones((1, caption_len), jnp.int32)
+    return model.init(rng, jnp.zeros((1, num_patches, patch_dim)), seg, seg * 0, seg * 0, grid, grid,
+                      cap, cap)
+
+  def loss(params, extra, batch, rng):
+    del rng
+    out = model.apply({'params': params, **extra}, *(batch[k] for k in PATCH_KEYS),
+                      batch['caption'], batch['caption_mask'])
+    return out['loss'], {'sums': {'denom': jnp.ones((), jnp.float32)},
+                         'means': {'siglip': out['siglip'], 'caption': out['caption']}}
+
+  return Task('vit_pretrain', init, loss, (), model, cfg)
+
+
+def host_batch_tokens(batch: dict) -> int:
+  """Real (non-padding) tokens in a host batch, for tokens-seen and throughput."""
+  if 'segment_ids' in batch:
+    return int(np.count_nonzero(batch['segment_ids']))
+  return int(np.count_nonzero(batch.get('caption_mask', 0)))
