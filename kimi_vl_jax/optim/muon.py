@@ -1,0 +1,97 @@
+"""Muon's math (SPEC §4.1), as pure functions on one parameter.
+
+    M_t = mu * M_{t-1} + G_t                    (sum-form momentum, mu = 0.95)
+    N_t = G_t + mu * M_t                        (Nesterov)
+    O_t = NS(N_t / ||N_t||_F)                   (quintic Newton-Schulz, (3.4445, -4.7750, 2.0315))
+    W_t = W_{t-1} - lr * (0.2 * sqrt(max(A, B)) * O_t + wd * W_{t-1})
+
+A parameter is a stack of matrices: its ``reduction`` axes flatten to the matrix rows (A),
+its ``output`` axes to the columns (B), and every other axis is a batch axis (scan layers,
+experts) whose matrices are orthogonalized one by one. A and B are the FULL matrix's sizes,
+also when the caller holds only a slice of the batch (ZeRO-1, ``zero1.py``).
+The sum-form momentum differs from optax's EMA form only by the factor (1 - mu), which the
+Frobenius normalization removes (up to eps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+RMS_MATCH = 0.2          # Moonlight's update-RMS target (AdamW's typical update RMS)
+NS_EPS = 1e-8            # added to the Frobenius norm (as optax does)
+
+
+def newton_schulz(x_nab: jax.Array, steps: int = 5, dtype=jnp.float32,
+                  coeffs=NS_COEFFS, eps: float = NS_EPS) -> jax.Array:
+  """Approximately orthogonalizes each matrix of a stack [N, A, B]; returns float32 [N, A, B].
+
+  Each matrix is divided by its Frobenius norm (so all singular values are <= 1) and
+  iterated ``X <- a X + (b S + c S^2) X`` with ``S = X X^T``, computed on the wide
+  orientation (transposed when A > B, so S is the smaller Gram matrix) in ``dtype``.
+  """
+  a, b, c = coeffs
+  tall = x_nab.shape[-2] > x_nab.shape[-1]
+  x = jnp.swapaxes(x_nab, -1, -2) if tall else x_nab
+  x = x.astype(dtype)
+  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
+  x = (x.astype(jnp.float32) / (norm + eps)).astype(dtype)
+  for _ in range(steps):
+    s = jnp.einsum('nab,ncb->nac', x, x)
+    poly = b * s + c * jnp.einsum('nab,nbc->nac', s, s)
+    x = a * x + jnp.einsum('nab,nbc->nac', poly, x)
+  x = x.astype(jnp.float32)
+  return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def to_matrices(x: jax.Array, reduction: Sequence[int], output: Sequence[int],
+                batch: Sequence[int]) -> jax.Array:
+  """[..] -> [N, A, B]: batch axes flattened to N, reduction to A, output to B."""
+  order = tuple(batch) + tuple(reduction) + tuple(output)
+  n = math.prod(x.shape[i] for i in batch)
+  a = math.prod(x.shape[i] for i in reduction)
+  return jnp.transpose(x, order).reshape(n, a, -1)
+
+
+def from_matrices(y_nab: jax.Array, shape: Sequence[int], reduction: Sequence[int],
+                  output: Sequence[int], batch: Sequence[int]) -> jax.Array:
+  """Inverse of ``to_matrices`` for a tensor of ``shape``."""
+  order = tuple(batch) + tuple(reduction) + tuple(output)
+  y = y_nab.reshape(tuple(shape[i] for i in order))
+  return jnp.transpose(y, tuple(order.index(i) for i in range(len(shape))))
+
+
+def rms_scale(matrix_shape: tuple[int, int]) -> float:
+  """0.2 * sqrt(max(A, B)) of the FULL matrix: O's RMS is ~1/sqrt(max(A, B))."""
+  return RMS_MATCH * math.sqrt(max(matrix_shape))
+
+
+def nesterov_momentum(grad: jax.Array, mom: jax.Array, mu: float) -> tuple[jax.Array, jax.Array]:
+  """(N_t, M_t) from G_t and M_{t-1} (sum form, float32)."""
+  mom = mu * mom + grad.astype(mom.dtype)
+  return grad.astype(mom.dtype) + mu * mom, mom
+
+
+def orthogonalized_update(n: jax.Array, reduction, output, batch, matrix_shape,
+                          steps: int = 5, dtype=jnp.float32) -> jax.Array:
+  """0.2 sqrt(max(A, B)) * NS(n), per matrix of the stack ``n``; same shape as n."""
+  mats = to_matrices(n, reduction, output, batch)
+  o = newton_schulz(mats, steps, dtype)
+  return from_matrices(o, n.shape, reduction, output, batch) * rms_scale(matrix_shape)
+
+
+def adam_direction(grad, mu_m, nu_m, count_inc, b1: float, b2: float, eps: float):
+  """AdamW's direction m_hat / (sqrt(v_hat) + eps) (optax.scale_by_adam, eps_root=0).
+
+  Returns (direction, new first moment, new second moment); count_inc is the 1-based step.
+  """
+  g = grad.astype(mu_m.dtype)
+  mu_m = b1 * mu_m + (1.0 - b1) * g
+  nu_m = b2 * nu_m + (1.0 - b2) * jnp.square(g)
+  t = count_inc.astype(jnp.float32)
+  mu_hat = mu_m / (1.0 - b1 ** t)
+  nu_hat = nu_m / (1.0 - b2 ** t)
+  return mu_hat / (jnp.sqrt(nu_hat) + eps), mu_m, nu_m
