@@ -9,15 +9,28 @@ Sources, in order:
    host); jax discovers the topology from the TPU metadata.
 Otherwise nothing happens: a single process needs no initialization.
 
-A peer that dies must not leave the survivors hanging: the heartbeat timeout makes the
-coordination service fail the job within ``heartbeat_timeout_s``, and
-``initialization_timeout_s`` bounds the wait for peers that never arrive.
+A peer that dies must not leave the survivors hanging. Measured with jax 0.10.2 on CPU
+(gloo), ``tests/parallel/test_distributed.py``: when a worker dies, the coordination
+service misses its heartbeats and, ``heartbeat_timeout_s`` later, terminates every
+survivor with "Terminating process because the JAX distributed service detected fatal
+errors. This most likely indicates that another task died" (SIGABRT), even one blocked
+inside a collective; when the coordinator (process 0) dies, the survivors see the socket
+close and terminate at once. ``initialization_timeout_s`` bounds the wait for peers that
+never arrive. A peer that is alive but never joins a collective (stuck in host code)
+keeps heartbeating, so nothing above fires: ``Watchdog`` turns such a hang into a clear
+error and exit status ``EXIT_HUNG``.
+
+Timeouts can be set by the launcher: ``KVJ_HEARTBEAT_TIMEOUT_S``, ``KVJ_INIT_TIMEOUT_S``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Mapping, Optional
+import sys
+import threading
+import time
+from typing import Callable, Mapping, Optional, TextIO
 
 import jax
 from absl import logging
@@ -58,15 +71,27 @@ def detect(env: Optional[Mapping[str, str]] = None) -> DistributedSpec:
 
 
 def initialize(env: Optional[Mapping[str, str]] = None,
-               initialization_timeout_s: int = 300,
-               heartbeat_timeout_s: int = 30) -> DistributedSpec:
+               initialization_timeout_s: Optional[int] = None,
+               heartbeat_timeout_s: Optional[int] = None) -> DistributedSpec:
   """Initializes jax.distributed if the environment asks for it; no-op on one host.
 
   Must run before anything touches a JAX backend (``jax.devices()`` etc.).
+
+  Args:
+    env: the environment to read (default ``os.environ``).
+    initialization_timeout_s: how long to wait for all peers to connect (default
+      ``KVJ_INIT_TIMEOUT_S`` or 300).
+    heartbeat_timeout_s: a peer silent this long is declared dead and the job fails
+      (default ``KVJ_HEARTBEAT_TIMEOUT_S`` or 30).
   """
+  env = os.environ if env is None else env
   spec = detect(env)
   if spec.kind == 'single':
     return spec
+  if initialization_timeout_s is None:
+    initialization_timeout_s = _env_seconds(env, 'KVJ_INIT_TIMEOUT_S', 300)
+  if heartbeat_timeout_s is None:
+    heartbeat_timeout_s = _env_seconds(env, 'KVJ_HEARTBEAT_TIMEOUT_S', 30)
   if spec.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', spec.cpu_collectives)
   kwargs = dict(initialization_timeout=initialization_timeout_s,
@@ -90,5 +115,90 @@ def _initialize_with_supported_kwargs(kwargs):
   jax.distributed.initialize(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
+def _env_seconds(env: Mapping[str, str], name: str, default: int) -> int:
+  raw = env.get(name)
+  if raw is None:
+    return default
+  try:
+    value = int(raw)
+  except ValueError:
+    raise ValueError(f'{name} must be a whole number of seconds, got {raw!r}') from None
+  if value < 1:
+    raise ValueError(f'{name} must be >= 1, got {value}')
+  return value
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
+
+
+# Exit status of a process that the watchdog ends (EX_TEMPFAIL: a retry may succeed).
+EXIT_HUNG = 75
+
+
+class Watchdog:
+  """Ends the process with a clear error when an armed region runs longer than ``timeout_s``.
+
+  A collective waits for every peer; if one is alive but never joins (stuck host code, a
+  diverged control flow) nothing else notices. Arm the watchdog around each blocking step:
+
+      watchdog = Watchdog(timeout_s=600)
+      with watchdog.arm(f'train step {step}'):
+        loss = float(step_fn(...))   # must block: dispatch alone returns at once
+
+  On timeout it writes ``error: <what> did not finish within <t> s on process i of n ...``
+  to ``stream`` and calls ``on_timeout(EXIT_HUNG)`` (default ``os._exit``: a thread cannot
+  interrupt a main thread blocked in C++, and ``sys.exit`` would wait for it).
+  """
+
+  def __init__(self, timeout_s: float, stream: Optional[TextIO] = None,
+               on_timeout: Optional[Callable[[int], None]] = None):
+    if not timeout_s > 0:
+      raise ValueError(f'Watchdog timeout_s must be > 0, got {timeout_s}')
+    self.timeout_s = float(timeout_s)
+    self._stream = stream
+    self._on_timeout = on_timeout if on_timeout is not None else os._exit
+    self._cond = threading.Condition()
+    self._what: Optional[str] = None
+    self._where = ''
+    self._deadline = 0.0
+    self._generation = 0
+    self._thread = threading.Thread(target=self._run, name='kvj-watchdog', daemon=True)
+    self._thread.start()
+
+  @contextlib.contextmanager
+  def arm(self, what: str):
+    # Read here, in the caller's thread: the watchdog thread must not touch the backend.
+    where = f'process {jax.process_index()} of {jax.process_count()}'
+    with self._cond:
+      self._generation += 1
+      self._what, self._where = what, where
+      self._deadline = time.monotonic() + self.timeout_s
+      self._cond.notify()
+    try:
+      yield
+    finally:
+      with self._cond:
+        self._generation += 1
+        self._what = None
+        self._cond.notify()
+
+  def _run(self):
+    with self._cond:
+      while True:
+        if self._what is None:
+          self._cond.wait()
+          continue
+        generation, remaining = self._generation, self._deadline - time.monotonic()
+        if remaining > 0:
+          self._cond.wait(remaining)
+          continue
+        if generation != self._generation:
+          continue
+        message = (f'error: {self._what} did not finish within {self.timeout_s:g} s on '
+                   f'{self._where}; a peer is probably stuck or dead (exiting instead of hanging)')
+        stream = self._stream if self._stream is not None else sys.stderr
+        stream.write(message + '\n')
+        stream.flush()
+        self._what = None
+        self._on_timeout(EXIT_HUNG)
