@@ -53,6 +53,25 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       ns_dtype='float32',      # float32 | bfloat16
   ))
 
+  # Data pipeline (kimi_vl_jax/data/): sources, tokenizer, packing, workers.
+  c.data = ml_collections.ConfigDict(dict(
+      sources='',              # 'name=format:path@weight#tag;...' (data/mixture.py); tags text|mm|long|qa
+      split='train',           # split of generated sources
+      seed=0,                  # example i of process p is a pure function of (seed, p, i)
+      tokenizer='',            # sentencepiece .model; '' = the project tokenizer (trained once, cached)
+      tokenizer_cache='',      # '' = $KIMI_VL_JAX_CACHE or ~/.cache/kimi_vl_jax
+      workers=0,               # grain mp_prefetch worker processes (0 = in this process)
+      worker_buffer=4,         # examples buffered per worker
+      max_patches_per_row=1024,  # patch slots per packed row (0 = text only)
+      in_token_limit=1024,     # image processor's patch limit per image (released: 4096)
+      max_images_per_example=64,
+      overflow='truncate',     # examples longer than seq_len: truncate | drop
+      pack_lookahead=8,        # a batch is emitted once this many examples wait for room
+      examples_per_step=0,     # schedule clock: stream examples per step (0 = rows per process)
+      qa_share_cap=-1.0,       # cap on the share of 'qa' sources (cooldown: 0.1); < 0 = off
+      strict=False,            # the first bad record raises (naming file:line) instead of skipping
+  ))
+
   c.metrics = ml_collections.ConfigDict(dict(
       log_every=1,
       tensorboard=True,

@@ -258,3 +258,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   for fn in _EXTRA_CHECKS:
     fn(config)
   return config
+
+
+# The data block's checks live with the data code (registered on import).
+from kimi_vl_jax.data import config_check as _data_config_check  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import

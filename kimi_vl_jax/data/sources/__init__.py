@@ -45,7 +45,9 @@ class GeneratedSource:
     k = int(i) * self.shard_count + self.shard_index
     rec = dict(self.dataset[k])
     origin = f'{self.name}[{k}]'
-    if 'messages' in rec:
+    if rec.get('kind') in ('chat', 'document'):
+      out = {k: rec[k] for k in ('kind', 'messages', 'items') if k in rec}
+    elif 'messages' in rec:
       out = {'kind': 'chat', 'messages': rec['messages']}
     elif 'items' in rec:
       out = {'kind': 'document', 'items': rec['items']}
@@ -66,9 +68,9 @@ def _generated_factory(path: str) -> Callable[..., Any]:
   for kv in filter(None, query.split('&')):
     k, _, v = kv.partition('=')
     kwargs[k] = int(v) if v.lstrip('-').isdigit() else v
-  if not hasattr(generated, 'make_dataset'):
-    raise ValueError(f'generated dataset {name!r}: kimi_vl_jax.data.generated has no make_dataset')
-  return lambda split, seed: generated.make_dataset(name, split=split, seed=seed, **kwargs)
+  if name not in generated.DATASETS:
+    raise ValueError(f'unknown generated dataset {name!r}; known: {", ".join(generated.DATASETS)}')
+  return lambda split, seed: generated.get_dataset(name, split=split, seed=seed, **kwargs)
 
 
 def open_source(spec: SourceSpec, shard_index: int = 0, shard_count: int = 1,
