@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import FrozenConfigDict
 
+from kimi_vl_jax.models.abstract import ComponentSpec, register
 from kimi_vl_jax.models.mla import MLA
 from kimi_vl_jax.models.mlp import MLP
 from kimi_vl_jax.models.norms import RMSNorm
@@ -188,3 +189,21 @@ class MoeLM(nn.Module):
                       'positions': cache_meta['positions'],
                       'index': decode_cache['index'] + x_bsd.shape[1]}
     return logits_bsv, aux
+
+
+def dummy_inputs(batch: int = 1, length: int = 8):
+  """(tokens, segment_ids, positions) of ones/aranges for init and eval_shape."""
+  tokens = jnp.ones((batch, length), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  return tokens, tokens, positions
+
+
+@register('lm')
+def _abstract_lm(model_cfg):
+  """Shapes of the LM variables (no allocation) and how to count its active parameters."""
+  cfg = FrozenConfigDict(model_cfg.lm)
+  model = MoeLM(cfg)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs()))
+  # 'mlp/experts/' matches the routed expert stacks only (not 'mlp/shared_experts/').
+  return variables, ComponentSpec(routed_expert_key='mlp/experts/',
+                                  active_fraction=cfg.num_experts_per_tok / cfg.n_routed_experts)
