@@ -20,21 +20,25 @@ _QUESTIONS = ('What does the text say?', 'Read the text in the image.',
               'What is written in the image?', 'Transcribe the text.')
 
 
+def _lum(c) -> float:
+  return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
 def _contrasting_colors(rng, difficulty: int):
-  """(background, foreground) with a luminance gap of at least 120 (of 255)."""
-  def lum(c):
-    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
-  while True:
-    if difficulty == 0:
-      bg = render.light_background(rng, 0)
-      fg = rng.choice(list(render.PALETTE.values()) + [(20, 20, 20)] * 3)
-    else:
-      bg = tuple(rng.randint(0, 255) for _ in range(3))
-      fg = tuple(rng.randint(0, 255) for _ in range(3))
-      if difficulty == 1 and lum(bg) < 128:
-        bg, fg = fg, bg
-    if abs(lum(bg) - lum(fg)) >= 120:
-      return bg, fg
+  """(background, foreground) with a luminance gap of at least 120 (of 255), no redraws."""
+  if difficulty == 0:
+    return (render.light_background(rng, 0),
+            rng.choice(list(render.PALETTE.values()) + [(20, 20, 20)] * 3))
+  light = tuple(rng.randint(170, 255) for _ in range(3))     # luminance >= 170
+  dark = tuple(rng.randint(0, 50) for _ in range(3))         # luminance <= 50
+  # Pull one channel of each toward the middle for more varied hues, keeping the gap.
+  k = rng.randrange(3)
+  light = light[:k] + (rng.randint(60, 255),) + light[k + 1:]
+  if _lum(light) - _lum(dark) < 120:
+    light = light[:k] + (255,) + light[k + 1:]
+  if difficulty == 2 and rng.random() < 0.5:
+    return dark, light
+  return light, dark
 
 
 class OcrDataset(base.GeneratedDataset):
@@ -53,40 +57,66 @@ class OcrDataset(base.GeneratedDataset):
     return rng.choice(words)
 
   def sample_spec(self, rng, task):
+    """Cheap draws only (the split hash is computed on every draw); sizes resolve in layout."""
     d = self.difficulty
     text = self.sample_text(rng, task)
     font = rng.choice(render.font_names(d))
     angle = rng.randint(-MAX_ANGLE[d], MAX_ANGLE[d])
     for _ in range(100):      # redraw the canvas until the text fits at a legible size
       w, h = self.image_size(rng)
-      margin = max(2, min(w, h) // 16)
-      fit = render.fit_font_size(font, text, w - 2 * margin, h - 2 * margin, angle)
-      lo, hi = SIZE_FRACTION[d]
-      size = int(fit * rng.uniform(lo, hi))
-      if size >= MIN_FONT_PX:
+      if _estimate_fit(font, text, w, h, angle) >= MIN_FONT_PX + 2:
         break
     else:
       raise ValueError(f'ocr: {text!r} does not fit at {MIN_FONT_PX}px in images of at most '
                        f'max_side={self.max_side}px; raise max_side')
-    l, t, r, b = render.text_extent(font, size, text)
-    tw, th = render.rotated_extent(r - l + 2, b - t + 2, angle)
-    # Centre anywhere that keeps the rotated layer (plus its rounding) inside the margins.
-    cx = rng.uniform(margin + tw / 2 + 1, w - margin - tw / 2 - 1)
-    cy = rng.uniform(margin + th / 2 + 1, h - margin - th / 2 - 1)
     bg, fg = _contrasting_colors(rng, d)
-    return {'w': w, 'h': h, 'text': text, 'font': font, 'size': size, 'angle': angle,
-            'cx': round(cx, 1), 'cy': round(cy, 1), 'bg': bg, 'fg': fg,
+    return {'w': w, 'h': h, 'text': text, 'font': font, 'angle': angle,
+            'size_frac': round(rng.uniform(*SIZE_FRACTION[d]), 3),
+            'pos': (round(rng.random(), 3), round(rng.random(), 3)), 'bg': bg, 'fg': fg,
             'q': rng.randrange(len(_QUESTIONS))}
 
-  def draw(self, spec) -> Image.Image:
+  def draw(self, spec) -> tuple[Image.Image, dict]:
+    """The image and its resolved layout {'size', 'cx', 'cy'} (font px, text centre)."""
+    lay = layout(spec)
     img = Image.new('RGB', (spec['w'], spec['h']), spec['bg'])
-    render.paste_text(img, spec['text'], spec['font'], spec['size'], spec['angle'],
-                      (spec['cx'], spec['cy']), spec['fg'])
-    return img
+    render.paste_text(img, spec['text'], spec['font'], lay['size'], spec['angle'],
+                      (lay['cx'], lay['cy']), spec['fg'])
+    return img, lay
 
   def render(self, spec):
-    content = [self.image(self.draw(spec)), base.text_item(_QUESTIONS[spec['q']])]
-    return self.record(spec, base.qa_messages(content, spec['text']), spec['text'])
+    img, lay = self.draw(spec)
+    content = [self.image(img), base.text_item(_QUESTIONS[spec['q']])]
+    record = self.record(spec, base.qa_messages(content, spec['text']), spec['text'])
+    record['meta'] = dict(spec, **lay)
+    return record
+
+
+def _margin(w: int, h: int) -> int:
+  return max(2, min(w, h) // 16)
+
+
+def _estimate_fit(font: str, text: str, w: int, h: int, angle: float) -> float:
+  """Linear estimate of the largest fitting size from the (cached) extent at 64 px."""
+  m = _margin(w, h)
+  l, t, r, b = render.text_extent(font, 64, text)
+  rw, rh = render.rotated_extent(r - l + 2, b - t + 2, angle)
+  return 64 * min((w - 2 * m) / rw, (h - 2 * m) / rh)
+
+
+def layout(spec) -> dict:
+  """Font size and text centre of an OCR spec (pure): the largest size that fits inside the
+  margins, times ``size_frac`` (at least MIN_FONT_PX); the centre anywhere in the room left,
+  at ``pos``."""
+  w, h, font, text, angle = spec['w'], spec['h'], spec['font'], spec['text'], spec['angle']
+  m = _margin(w, h)
+  fit = render.fit_font_size(font, text, w - 2 * m, h - 2 * m, angle)
+  size = min(fit, max(MIN_FONT_PX, int(fit * spec['size_frac'])))   # legible when it can be
+  l, t, r, b = render.text_extent(font, size, text)
+  tw, th = render.rotated_extent(r - l + 2, b - t + 2, angle)
+  # +1 px each side for the rounding of the rotated layer's size and position.
+  cx = m + tw / 2 + 1 + spec['pos'][0] * max(0.0, w - 2 * m - tw - 2)
+  cy = m + th / 2 + 1 + spec['pos'][1] * max(0.0, h - 2 * m - th - 2)
+  return {'size': size, 'cx': round(cx, 1), 'cy': round(cy, 1)}
 
 
 def chance(task: str, difficulty: int) -> float:

@@ -98,7 +98,7 @@ def get_font(name: str, size: int) -> ImageFont.FreeTypeFont:
   return ImageFont.truetype(os.path.join(d, name), size)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=65536)
 def text_extent(font_name: str, size: int, text: str) -> tuple[int, int, int, int]:
   """Ink bbox (left, top, right, bottom) of ``text`` drawn at the origin."""
   return get_font(font_name, size).getbbox(text)
