@@ -217,6 +217,10 @@ def build_dataset(config, *, stage: Optional[str] = None, stage_steps: int = 0,
   ds = grain.MapDataset.source(stream).to_iter_dataset()
   workers = d.workers if workers is None else workers
   if workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      # grain's workers read absl flags; outside app.run (tests, notebooks) use the defaults.
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=d.worker_buffer))
   cfg = packing.PackConfig(rows=rows, seq_len=seq_len, max_patches=d.max_patches_per_row,
