@@ -389,3 +389,40 @@ def test_generation_speed():
   print('train examples/s (CPU time, one core):', {k: round(v) for k, v in rates.items()})
   for name, rate in rates.items():
     assert rate >= 200, (name, rate)
+
+
+# ---------------------------------------------------------------- through the real example builder
+def test_records_build_examples_whose_targets_are_the_answers(tok):
+  from kimi_vl_jax.data import examples, image_processor
+  cfg = image_processor.ImageProcessorConfig()
+  for name in g.DATASETS:
+    kw = {'length': 40} if name in ('needle', 'text') else {}
+    r = g.get_dataset(name, 'eval', 0, tasks=g.get_dataset(name).TASKS, **kw)[1]
+    ex = examples.build_example(r, tok, cfg)
+    assert ex.num_tokens == len(ex.loss_mask) and len(ex.grids) == len(_images(r))
+    assert ex.num_patches == sum(-(-a.shape[0] // 28) * 2 * -(-a.shape[1] // 28) * 2
+                                 for a in _images(r))
+    target = tok.decode([int(t) for t, m in zip(ex.tokens, ex.loss_mask) if m])
+    if r['kind'] == 'chat':
+      assert target == r['messages'][-1]['content'][0]['text'] + st.IM_END, name
+      assert r['answer'] in target
+    else:
+      assert target.endswith(st.EOS)
+
+
+def test_arguments_as_written_in_mixture_specs():
+  from kimi_vl_jax.data import sources
+  ds = g.get_dataset('shapes', tasks='count,color')
+  assert ds.tasks == ('count', 'color')
+  assert g.get_dataset('needle', length=50, depth='0.0')[0]['meta']['depth'] == 0.0
+  with pytest.raises(ValueError, match="depth='deep'"):
+    g.get_dataset('needle', depth='deep')
+  plain = g.get_dataset('math', think='false')[0]
+  assert st.THINK_START not in plain['messages'][-1]['content'][0]['text']
+  with pytest.raises(ValueError, match='think'):
+    g.get_dataset('math', think='maybe')
+  spec = sources.SourceSpec('c', 'generated', 'shapes?tasks=count&difficulty=1')
+  src = sources.open_source(spec, shard_index=1, shard_count=2)
+  rec = src[0]
+  assert rec['kind'] == 'chat' and rec['source'] == 'c'
+  assert rec['messages'][-1]['content'][0]['text'].isdigit()

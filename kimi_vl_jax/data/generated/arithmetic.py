@@ -194,7 +194,7 @@ class ArithmeticDataset(base.GeneratedDataset):
 
   def __init__(self, *args, think: bool = True, **kw):
     super().__init__(*args, **kw)
-    self.think = bool(think)
+    self.think = base.as_bool('math: think', think)
 
   def sample_spec(self, rng, task):
     d = self.difficulty

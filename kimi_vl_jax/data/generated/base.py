@@ -45,6 +45,17 @@ def make_rng(name: str, seed: int, split: str, index: int, attempt: int) -> rand
   return random.Random(int.from_bytes(digest, 'little'))
 
 
+def as_bool(name: str, value) -> bool:
+  """A flag given as a bool, 0/1 or 'true'/'false' (mixture specs pass strings)."""
+  if isinstance(value, str):
+    if value.lower() in ('true', '1', 'yes'):
+      return True
+    if value.lower() in ('false', '0', 'no'):
+      return False
+    raise ValueError(f'{name}={value!r}; expected true or false')
+  return bool(value)
+
+
 def text_item(text: str) -> dict:
   return {'type': 'text', 'text': text}
 
@@ -91,8 +102,9 @@ class GeneratedDataset(abc.ABC):
                max_side: int = 224, image_format: str = 'pil'):
     if split not in SPLITS:
       raise ValueError(f'{self.name}: split={split!r}; expected one of {SPLITS}')
-    tasks = tuple(self.DEFAULT_TASKS if tasks is None else
-                  ((tasks,) if isinstance(tasks, str) else tasks))
+    if isinstance(tasks, str):      # 'count,color' (as written in a mixture spec)
+      tasks = [t.strip() for t in tasks.split(',') if t.strip()]
+    tasks = tuple(self.DEFAULT_TASKS if tasks is None else tasks)
     bad = [t for t in tasks if t not in self.TASKS]
     if bad or not tasks:
       raise ValueError(f'{self.name}: tasks={tasks!r}: unknown {bad}; known {self.TASKS}')

@@ -35,8 +35,13 @@ class NeedleDataset(base.GeneratedDataset):
     super().__init__(*args, **kw)
     if not (isinstance(length, int) and length >= 10):
       raise ValueError(f'needle: length={length!r}; expected an int >= 10 (words)')
+    given = depth
+    try:       # mixture specs pass strings ('0.5', 'none')
+      depth = None if depth in (None, '', 'none', 'None') else float(depth)
+    except (TypeError, ValueError):
+      depth = -1.0
     if depth is not None and not 0.0 <= depth <= 1.0:
-      raise ValueError(f'needle: depth={depth!r}; expected None or a float in [0, 1]')
+      raise ValueError(f'needle: depth={given!r}; expected None or a float in [0, 1]')
     self.length, self.depth = length, depth
 
   def sample_spec(self, rng, task):
