@@ -426,3 +426,11 @@ def test_arguments_as_written_in_mixture_specs():
   rec = src[0]
   assert rec['kind'] == 'chat' and rec['source'] == 'c'
   assert rec['messages'][-1]['content'][0]['text'].isdigit()
+
+
+def test_held_out_problems_are_unseen_under_any_wording():
+  key = lambda m: (m['terms'], m['ops'])
+  train = {key(g.get_dataset('math', 'train', s, tasks='arithmetic')[i]['meta'])
+           for s in range(3) for i in range(400)}
+  held = [key(g.get_dataset('math', 'eval', 0, tasks='arithmetic')[i]['meta']) for i in range(100)]
+  assert not train & set(held)

@@ -9,7 +9,8 @@ Every example is made in two pure steps:
    beyond the spec, so the answer is exactly what the spec says.
 
 Split disjointness is by construction and independent of the seed: a spec belongs to the
-eval split iff a 64-bit hash of its canonical text is 0 mod ``EVAL_MODULUS``; a draw that
+eval split iff a 64-bit hash of its canonical text (question wording left out) is 0 mod
+``EVAL_MODULUS``; a draw that
 lands in the other split's part is redrawn with ``attempt + 1``. So no train example can
 equal an eval example for any pair of seeds (equal specs have equal hashes).
 """
@@ -29,9 +30,15 @@ MAX_ATTEMPTS = 10_000      # eval needs ~16 draws on average; this bound is neve
 DEFAULT_SIZE = 1 << 30     # nominal length: index i and i + DEFAULT_SIZE would otherwise differ
 
 
+# Spec fields that only vary the wording (question templates): left out of the split hash,
+# so a held-out problem is never seen in training under another phrasing.
+SPLIT_IGNORED = ('q',)
+
+
 def spec_hash(name: str, spec: dict) -> int:
-  """Stable 64-bit hash of a spec (same across processes and machines, unlike hash())."""
-  key = f'{name}|{sorted(spec.items())!r}'.encode()
+  """Stable 64-bit hash of a spec without SPLIT_IGNORED fields (same on every machine)."""
+  items = sorted((k, v) for k, v in spec.items() if k not in SPLIT_IGNORED)
+  key = f'{name}|{items!r}'.encode()
   return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), 'little')
 
 
