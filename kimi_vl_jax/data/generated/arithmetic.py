@@ -75,7 +75,7 @@ def check_sentence(a: int, op: str, b: int, r: int) -> str:
     return f'Check: {r} + {b} = {r + b}, which is {a}. Correct.'
   if b:
     return f'Check: {r} / {b} = {r // b}, which is {a}. Correct.'
-  return f'Check: anything times 0 is 0. Correct.'
+  return 'Check: anything times 0 is 0. Correct.'
 
 
 def _arith_spec(rng, d):

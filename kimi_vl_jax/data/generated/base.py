@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import random
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
