@@ -1,0 +1,226 @@
+"""Logical annotations -> NamedShardings: parameters and batches land where rules.py says,
+on 8 simulated CPU devices, for several meshes (checked on real arrays, per device)."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kimi_vl_jax.parallel import sharding
+from kimi_vl_jax.parallel.mesh import build_mesh
+from kimi_vl_jax.parallel.rules import LOGICAL_AXES, LOGICAL_AXIS_RULES
+
+VOCAB, EMBED, MLP, EXPERTS, EXPERT_MLP, LAYERS, HEADS, KV, NORM = 32, 16, 24, 8, 8, 2, 4, 6, 3
+
+
+def _param(name, shape, axes):
+  return lambda mod: mod.param(name, nn.with_logical_partitioning(nn.initializers.normal(1.0), axes),
+                               shape)
+
+
+class ToyModel(nn.Module):
+  """A miniature of the real model's parameter kinds, each annotated like the real ones."""
+
+  @nn.compact
+  def __call__(self, tokens_bs):
+    emb_ve = self.param('embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('vocab', 'embed')), (VOCAB, EMBED))
+    w_in_ef = self.param('w_in', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('embed', 'mlp')), (EMBED, MLP))
+    w_out_fe = self.param('w_out', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('mlp', 'embed')), (MLP, EMBED))
+    w_edf = self.param('experts', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('experts', 'embed', 'expert_mlp')), (EXPERTS, EMBED, EXPERT_MLP))
+    w_q_lehk = self.param('q_proj', nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ('layers', 'embed', 'heads', 'kv')), (LAYERS, EMBED, HEADS, KV))
+    scale_n = self.param('norm', nn.with_logical_partitioning(
+        nn.initializers.ones, ('norm',)), (NORM,))
+    bias_f = self.param('bias', nn.initializers.zeros, (MLP,))  # unannotated: replicated
+    x_bse = emb_ve[tokens_bs]
+    x_bse = nn.with_logical_constraint(x_bse, ('batch', 'length', 'act_embed'))
+    h_bsf = jax.nn.relu(x_bse @ w_in_ef + bias_f)
+    y_bse = h_bsf @ w_out_fe + jnp.einsum('bse,def->bsf', x_bse, w_edf).sum(-1, keepdims=True)
+    y_bse = y_bse + jnp.einsum('bse,lehk->bs', x_bse, w_q_lehk)[..., None] * scale_n.sum()
+    return nn.with_logical_constraint(y_bse, ('batch', 'length', 'act_embed'))
+
+
+TOKENS = np.arange(16 * 4).reshape(16, 4) % VOCAB
+
+# mesh sizes -> {param: (expected PartitionSpec after fitting, expected per-device shard shape)}
+CASES = {
+    'data8': (dict(data=8, fsdp=1, expert=1, tensor=1), {
+        'embedding': (P('tensor', 'fsdp'), (VOCAB, EMBED)),
+        'w_in': (P('fsdp', 'tensor'), (EMBED, MLP)),
+        'w_out': (P('tensor', 'fsdp'), (MLP, EMBED)),
+        'experts': (P('expert', 'fsdp', 'tensor'), (EXPERTS, EMBED, EXPERT_MLP)),
+        'q_proj': (P(None, 'fsdp', 'tensor', None), (LAYERS, EMBED, HEADS, KV)),
+        'norm': (P(None), (NORM,)),
+        'bias': (P(), (MLP,)),
+    }, 16 // 8),
+    'data2_fsdp2_tensor2': (dict(data=2, fsdp=2, expert=1, tensor=2), {
+        'embedding': (P('tensor', 'fsdp'), (VOCAB // 2, EMBED // 2)),
+        'w_in': (P('fsdp', 'tensor'), (EMBED // 2, MLP // 2)),
+        'w_out': (P('tensor', 'fsdp'), (MLP // 2, EMBED // 2)),
+        'experts': (P('expert', 'fsdp', 'tensor'), (EXPERTS, EMBED // 2, EXPERT_MLP // 2)),
+        'q_proj': (P(None, 'fsdp', 'tensor', None), (LAYERS, EMBED // 2, HEADS // 2, KV)),
+        'norm': (P(None), (NORM,)),
+        'bias': (P(), (MLP,)),
+    }, 16 // 4),
+    'expert4_fsdp2': (dict(data=1, fsdp=2, expert=4, tensor=1), {
+        'embedding': (P('tensor', 'fsdp'), (VOCAB, EMBED // 2)),
+        'w_in': (P('fsdp', 'tensor'), (EMBED // 2, MLP)),
+        'w_out': (P('tensor', 'fsdp'), (MLP, EMBED // 2)),
+        'experts': (P('expert', 'fsdp', 'tensor'), (EXPERTS // 4, EMBED // 2, EXPERT_MLP)),
+        'q_proj': (P(None, 'fsdp', 'tensor', None), (LAYERS, EMBED // 2, HEADS, KV)),
+        'norm': (P(None), (NORM,)),
+        'bias': (P(), (MLP,)),
+    }, 16 // 8),
+    'tensor8_uneven': (dict(data=1, fsdp=1, expert=1, tensor=8), {
+        # HEADS=4 and KV do not split 8 ways: fit_spec_to_shape replicates those dims.
+        'embedding': (P('tensor', 'fsdp'), (VOCAB // 8, EMBED)),
+        'w_in': (P('fsdp', 'tensor'), (EMBED, MLP // 8)),
+        'w_out': (P('tensor', 'fsdp'), (MLP // 8, EMBED)),
+        'experts': (P('expert', 'fsdp', 'tensor'), (EXPERTS, EMBED, EXPERT_MLP // 8)),
+        'q_proj': (P(None, 'fsdp', None, None), (LAYERS, EMBED, HEADS, KV)),
+        'norm': (P(None), (NORM,)),
+        'bias': (P(), (MLP,)),
+    }, 16),
+}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _eight_devices():
+  assert jax.device_count() == 8, 'tests run with 8 simulated CPU devices (see tests/conftest.py)'
+
+
+_REFERENCE = {}
+
+
+def _reference_params():
+  """The toy's parameters initialized on one device (computed once)."""
+  if not _REFERENCE:
+    variables = jax.jit(lambda key: nn.unbox(ToyModel().init(key, jnp.asarray(TOKENS))))(
+        jax.random.key(0))
+    _REFERENCE.update(jax.tree.map(np.asarray, variables['params']))
+  return _REFERENCE
+
+
+def _padded(spec, ndim):
+  """P() and P(None, None) mean the same for a 2-d array; compare in full length."""
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _mesh(sizes):
+  return build_mesh(ml_collections.ConfigDict(sizes))
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_params_land_where_the_rules_say(case):
+  sizes, expected, _ = CASES[case]
+  mesh = _mesh(sizes)
+  model = ToyModel()
+  init = lambda key: model.init(key, jnp.asarray(TOKENS))
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.fitted_param_shardings(abstract, mesh)
+  params = jax.jit(lambda key: nn.unbox(init(key)), out_shardings=shardings)(jax.random.key(0))
+  assert set(params['params']) == set(expected)
+  for name, (spec, shard_shape) in expected.items():
+    array = params['params'][name]
+    assert isinstance(array.sharding, NamedSharding) and array.sharding.mesh == mesh
+    assert _padded(array.sharding.spec, array.ndim) == _padded(spec, array.ndim), (
+        name, array.sharding.spec)
+    assert len(array.addressable_shards) == 8
+    for shard in array.addressable_shards:
+      assert shard.data.shape == shard_shape, (name, shard.device, shard.data.shape)
+    # The sharded init equals an unsharded init: only the placement differs.
+    np.testing.assert_array_equal(np.asarray(array), _reference_params()[name])
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_batches_land_on_the_data_parallel_axes(case):
+  sizes, _, rows_per_device = CASES[case]
+  mesh = _mesh(sizes)
+  patches = np.random.default_rng(0).normal(size=(16, 5, 12)).astype(np.float32)
+  batch = sharding.make_global_batch({'tokens': TOKENS.astype(np.int32), 'patches': patches}, mesh)
+  assert batch['tokens'].sharding.spec == P(('data', 'fsdp', 'expert'), None)
+  assert batch['patches'].sharding.spec == P(('data', 'fsdp', 'expert'), None, None)
+  for name, host in (('tokens', TOKENS), ('patches', patches)):
+    for shard in batch[name].addressable_shards:
+      assert shard.data.shape == (rows_per_device,) + host.shape[1:]
+      np.testing.assert_array_equal(np.asarray(shard.data), host[shard.index])
+  # Devices that differ only along 'tensor' hold the same rows; along data/fsdp/expert they differ.
+  by_device = {s.device: s.index[0] for s in batch['tokens'].addressable_shards}
+  grid = mesh.devices
+  for idx in np.ndindex(grid.shape[:3]):
+    rows = {(by_device[d].start, by_device[d].stop) for d in grid[idx].flat}
+    assert len(rows) == 1
+  distinct = {(r.start, r.stop) for r in by_device.values()}
+  assert len(distinct) == 16 // rows_per_device
+
+
+def test_step_with_logical_constraints_keeps_the_batch_sharded():
+  sizes, _, rows_per_device = CASES['data2_fsdp2_tensor2']
+  mesh = _mesh(sizes)
+  model = ToyModel()
+  abstract = jax.eval_shape(lambda k: model.init(k, jnp.asarray(TOKENS)), jax.random.key(0))
+  p_shardings = sharding.fitted_param_shardings(abstract, mesh)
+  params = jax.jit(lambda k: nn.unbox(model.init(k, jnp.asarray(TOKENS))),
+                   out_shardings=p_shardings)(jax.random.key(1))
+  tokens = sharding.make_global_batch(TOKENS.astype(np.int32), mesh)
+
+  @jax.jit
+  def forward(variables, tokens_bs):
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      return model.apply(variables, tokens_bs)
+
+  with jax.set_mesh(mesh):
+    y = forward(params, tokens)
+  # The compiler may drop size-1 axes (expert=1) from the spec; compare what it means.
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(('data', 'fsdp', 'expert'))), 3)
+  assert all(s.data.shape == (rows_per_device, 4, EMBED) for s in y.addressable_shards)
+  ref = jax.jit(model.apply)(jax.device_get(params), TOKENS)  # one device, no constraints
+  chex.assert_trees_all_close(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('spec,shape,sizes,expected', [
+    (P('fsdp', 'tensor'), (3, 8), dict(fsdp=2, tensor=2), P(None, 'tensor')),
+    (P(('data', 'fsdp')), (6,), dict(data=2, fsdp=2), P('data')),
+    (P(('data', 'fsdp')), (8,), dict(data=2, fsdp=2), P(('data', 'fsdp'))),
+    (P(('data', 'fsdp')), (2,), dict(data=2, fsdp=2), P('data')),
+    (P(('data', 'fsdp')), (3,), dict(data=2, fsdp=2), P(None)),
+    (P('tensor'), (8, 5), dict(tensor=4), P('tensor', None)),  # short spec padded
+    (P(None, 'expert'), (5, 4), dict(expert=4), P(None, 'expert')),
+])
+def test_fit_spec_to_shape(spec, shape, sizes, expected):
+  full = dict(data=1, fsdp=1, expert=1, tensor=1)
+  full.update(sizes)
+  full = {k: v for k, v in full.items()}
+  n = int(np.prod(list(full.values())))
+  mesh = build_mesh(ml_collections.ConfigDict(full), devices=jax.devices()[:n])
+  assert sharding.fit_spec_to_shape(spec, shape, mesh) == expected
+
+
+def test_logical_to_spec_follows_the_table():
+  assert sharding.logical_to_spec(('batch', 'length', 'act_embed')) == P(
+      ('data', 'fsdp', 'expert'), None, None)
+  assert sharding.logical_to_spec(('experts', 'embed', 'expert_mlp')) == P('expert', 'fsdp', 'tensor')
+  assert sharding.logical_to_spec(('vision_embed', 'vision_mlp')) == P('fsdp', 'tensor')
+  # Rule order is priority: 'batch' takes 'expert' first, so an expert activation axis
+  # next to a batch axis stays unsplit.
+  assert sharding.logical_to_spec(('batch', 'act_experts')) == P(('data', 'fsdp', 'expert'), None)
+  assert len(set(LOGICAL_AXES)) == len(LOGICAL_AXES), 'a logical name is listed twice'
+  mesh_axes = {'data', 'fsdp', 'expert', 'tensor'}
+  for name, target in LOGICAL_AXIS_RULES:
+    targets = () if target is None else ((target,) if isinstance(target, str) else target)
+    assert set(targets) <= mesh_axes, (name, target)
+
+
+def test_batch_shardings_tree():
+  mesh = _mesh(dict(data=2, fsdp=2, expert=2, tensor=1))
+  tree = {'a': np.zeros((8, 3)), 'b': jax.ShapeDtypeStruct((8,), jnp.int32)}
+  out = sharding.batch_shardings(tree, mesh)
+  assert out['a'].spec == P(('data', 'fsdp', 'expert'), None)
+  assert out['b'].spec == P(('data', 'fsdp', 'expert'))
