@@ -82,6 +82,8 @@ class ExampleStream:
       if self.strict:
         raise DataError(str(bad)) from None
       return Skipped(bad.reason, bad.message, bad.origin, index)
+    except Exception as e:  # a bug or an unexpected failure: never without the record named
+      raise RuntimeError(f'{origin} (stream example {index}): {e.__class__.__name__}: {e}') from e
 
 
 class PackedDataset(grain.IterDataset):

@@ -125,3 +125,14 @@ def test_two_processes_read_their_own_shards(tmp_path):
     assert all(int(u.rsplit(':', 1)[1]) % 4 in ((1,) if p == 0 else (3,)) for u in r['units'])
   assert not set(res[0]['units']) & set(res[1]['units'])
   assert res[0]['docs'] and res[1]['docs']
+
+
+def test_generated_sources_and_unexpected_errors_name_the_record(tok, tmp_path):
+  cfg = small_config('shapes=generated:shapes?max_side=112@1;text=generated:text@1#text')
+  batch = next(iter(_build(tok, cfg)))
+  assert (batch['patch_segment_ids'] > 0).any() and (batch['segment_ids'] > 0).any()
+  ds = _build(tok, cfg)
+  ds.stream.sources[0].dataset = None          # simulate a bug inside a source
+  with pytest.raises(RuntimeError, match=r'shapes\[\d+\] \(stream example \d+\)'):
+    for _ in range(4):
+      next(iter(ds))

@@ -225,3 +225,10 @@ def test_converter_strict_stops_at_corrupt_image(d):
   path = _jsonl(d / 'c.jsonl', [{'image': 'a.png', 'caption': 'A.'}, {'image': 'bad.png', 'caption': 'x'}])
   with pytest.raises(DataError, match=f'{path}:2: corrupt_image'):
     to_arrayrecord.convert(path, str(d / 'strict.array_record'), strict=True)
+
+
+def test_txt_non_utf8_paragraph(d):
+  (d / 'latin.txt').write_bytes(b'fine text\n\ncaf\xe9 au lait\n\nmore fine\n')
+  src = open_source(SourceSpec('t', 'text', str(d / 'latin.txt')))
+  assert len(src) == 2 and src.skips.as_dict() == {'non_utf8': 1}
+  assert src.skips.examples[0].startswith(f'{d / "latin.txt"}:3: non_utf8')
