@@ -71,7 +71,8 @@ def torch_model():
 
 @pytest.fixture(scope='module')
 def ours(torch_model):
-  return _ours(torch_model)
+  model, variables, cfg = _ours(torch_model)
+  return model, variables, cfg, jax.jit(model.apply)   # one compile for every [B, S] forward
 
 
 def test_config_round_trip(torch_model):
@@ -84,10 +85,10 @@ def test_config_round_trip(torch_model):
 
 
 def test_logits_match_torch(torch_model, ours):
-  model, variables, _ = ours
+  _, variables, _, apply = ours
   tokens = _tokens()
   ref = _torch_logits(torch_model, tokens)
-  got, aux = jax.jit(model.apply)(variables, tokens, *_full(tokens))
+  got, aux = apply(variables, tokens, *_full(tokens))
   chex.assert_shape(got, (B, S, 256))
   assert float(np.abs(ref).max()) > 0.5          # logits are not trivially tiny
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
@@ -104,7 +105,7 @@ def test_q_lora_and_unscanned_match_torch():
 
 
 def test_round_trip_state_dict_loads_in_torch(torch_model, ours):
-  _, variables, cfg = ours
+  _, variables, cfg, _ = ours
   tokens = _tokens(4)
   for packed in (True, False):
     sd = hf_lm.hf_from_params(jax.device_get(variables), cfg, packed_experts=packed)
@@ -124,15 +125,15 @@ def test_round_trip_state_dict_loads_in_torch(torch_model, ours):
 
 def test_packed_segments_equal_separate_sequences(torch_model, ours):
   # Two sequences packed in one row (positions restart) == each run alone through torch.
-  model, variables, _ = ours
+  _, variables, _, apply = ours
   a, b = _tokens(5)[0, :10], _tokens(6)[0, :9]
-  row = np.zeros((1, S), np.int32)
+  row = np.zeros((B, S), np.int32)
   row[0, :10], row[0, 10:19] = a, b
-  seg = np.zeros((1, S), np.int32)
+  seg = np.zeros((B, S), np.int32)
   seg[0, :10], seg[0, 10:19] = 1, 2
-  pos = np.zeros((1, S), np.int32)
+  pos = np.zeros((B, S), np.int32)
   pos[0, :10], pos[0, 10:19] = np.arange(10), np.arange(9)
-  got, aux = jax.jit(model.apply)(variables, row, seg, pos)
+  got, aux = apply(variables, row, seg, pos)    # row 1 is all padding
   np.testing.assert_allclose(np.asarray(got[0, :10]), _torch_logits(torch_model, a[None])[0],
                              atol=1e-4, rtol=0)
   np.testing.assert_allclose(np.asarray(got[0, 10:19]), _torch_logits(torch_model, b[None])[0],
@@ -142,17 +143,17 @@ def test_packed_segments_equal_separate_sequences(torch_model, ours):
 
 
 def test_decode_with_cache_matches_full_forward(ours):
-  model, variables, cfg = ours
+  model, variables, cfg, apply = ours
   tokens = _tokens(7)
-  full, _ = jax.jit(model.apply)(variables, tokens, *_full(tokens))
+  full, _ = apply(variables, tokens, *_full(tokens))
   prefill = 9
   cache = generate.init_cache(cfg, B, S)
   seg, pos = _full(tokens)
-  step = jax.jit(lambda t, s, p, c: generate.forward_with_cache(model, variables, t, s, p, c))
-  logits, cache = step(tokens[:, :prefill], seg[:, :prefill], pos[:, :prefill], cache)
+  step = jax.jit(lambda *a: generate.forward_with_cache(model, *a))
+  logits, cache = step(variables, tokens[:, :prefill], seg[:, :prefill], pos[:, :prefill], cache)
   outs = [logits]
   for t in range(prefill, S):
-    logits, cache = step(tokens[:, t:t + 1], seg[:, t:t + 1], pos[:, t:t + 1], cache)
+    logits, cache = step(variables, tokens[:, t:t + 1], seg[:, t:t + 1], pos[:, t:t + 1], cache)
     outs.append(logits)
   got = jnp.concatenate(outs, axis=1)
   np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-4, rtol=0)
@@ -162,21 +163,30 @@ def test_decode_with_cache_matches_full_forward(ours):
 
 
 def test_generate_greedy_and_sampling(ours):
-  model, variables, _ = ours
+  model, variables, _, apply = ours
   prompt = _tokens(8)[:, :8]
   lens = jnp.asarray([8, 5], jnp.int32)
   toks, logits = generate.generate(model, variables, jnp.asarray(prompt), lens,
                                    jax.random.PRNGKey(0), max_new_tokens=4)
   chex.assert_shape(toks, (B, 4))
+
+  def full_forward_last(seq):
+    # Right-pad to [B, S] (padding is inert) so the compiled forward is reused.
+    n = seq.shape[0]
+    x = np.zeros((B, S), np.int32)
+    x[0, :n] = seq
+    seg = (np.arange(S) < n).astype(np.int32)[None].repeat(B, 0)
+    logits, _ = apply(variables, x, seg, np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)))
+    return logits[0, n - 1]
+
   # Greedy step 0 of row 1 is the argmax of the full forward on its 5-token prompt.
-  p1 = prompt[1:2, :5]
-  full, _ = model.apply(variables, p1, *_full(p1))
-  assert int(toks[1, 0]) == int(jnp.argmax(full[0, -1]))
-  np.testing.assert_allclose(np.asarray(logits[1, 0]), np.asarray(full[0, -1]), atol=1e-4)
+  p1 = prompt[1, :5]
+  last = full_forward_last(p1)
+  assert int(toks[1, 0]) == int(jnp.argmax(last))
+  np.testing.assert_allclose(np.asarray(logits[1, 0]), np.asarray(last), atol=1e-4)
   # And step 1 continues that sequence.
-  seq = np.concatenate([p1, np.asarray(toks[1:2, :1])], axis=1)
-  full2, _ = model.apply(variables, seq, *_full(seq))
-  np.testing.assert_allclose(np.asarray(logits[1, 1]), np.asarray(full2[0, -1]), atol=1e-4)
+  last2 = full_forward_last(np.concatenate([p1, np.asarray(toks[1, :1])]))
+  np.testing.assert_allclose(np.asarray(logits[1, 1]), np.asarray(last2), atol=1e-4)
   # Sampling: top_p tiny == greedy; temperature sampling returns in-vocab tokens.
   lg = jax.random.normal(jax.random.PRNGKey(1), (3, 50))
   np.testing.assert_array_equal(generate.sample_logits(lg, jax.random.PRNGKey(2), 1.0, 1e-6),
