@@ -147,8 +147,9 @@ class MoonViT(nn.Module):
         patches_bpc.astype(_dtype(cfg.dtype)))
     pos_table = self.param(
         'pos_emb',
+        # (H0, W0, D): one logical name per array, so only H0 carries 'vision_pos'.
         nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                     ('vision_pos', 'vision_pos', 'vision_embed')),
+                                     ('vision_pos', None, 'vision_embed')),
         (cfg.init_pos_emb_height, cfg.init_pos_emb_width, d), _dtype(cfg.param_dtype))
     # Empty slots have grid 0; 1 keeps the bicubic scale finite (their output is zeroed anyway).
     pos = bicubic.interpolate_at(pos_table, rows_bp, cols_bp, jnp.maximum(grid_h_bp, 1),
