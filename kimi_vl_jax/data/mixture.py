@@ -7,9 +7,9 @@ Tags: ``text`` / ``mm`` (modality; default ``text`` for the text format, else ``
 linearly (joint pretraining), 25% long / 75% short (long-context stages), and
 ``config.data.qa_share_cap`` (cooldown: QA at most 10%).
 
-Example ``i`` of process ``p`` is a pure function of (seed, p, i): its source is drawn with the
-weights of step ``i // examples_per_step`` and its record uniformly (with replacement) from that
-source's shard of process p. ``mix_report`` gives the realized mix next to the weights.
+Which record is example ``i`` of process ``p`` is a pure function of (seed, p, i)
+(``stream_plan.StreamPlan``: stratified blocks with the weights of step ``i // examples_per_step``,
+every record of a source once per epoch). ``mix_report`` gives the realized mix next to the weights.
 """
 from __future__ import annotations
 
@@ -139,18 +139,6 @@ class Mixture:
       if w[qa].sum() > self.qa_share_cap:
         w = _set_share(w, qa, self.qa_share_cap)
     return w / w.sum()
-
-  def choose(self, seed: int, process: int, index: int, examples_per_step: int,
-             sizes: Sequence[int]) -> tuple[int, int]:
-    """(source id, record index in that source's shard) of stream example ``index``."""
-    rng = np.random.default_rng([seed, process, index])
-    w = self.weights(index // max(1, examples_per_step))
-    w = np.where(np.asarray(sizes) > 0, w, 0.0)
-    if w.sum() <= 0:
-      raise ValueError(f'every source with weight is empty for process {process}: '
-                       f'{dict(zip(self.names, sizes))}')
-    k = int(rng.choice(len(w), p=w / w.sum()))
-    return k, int(rng.integers(sizes[k]))
 
 
 def mix_report(names: Sequence[str], examples: Sequence[int], tokens: Sequence[int],

@@ -1,7 +1,7 @@
 """The grain pipeline: sources -> examples (worker processes) -> packed batches (this process).
 
-  MapDataset.source(ExampleStream)      example i = f(seed, process, i): mixture draw, record,
-                                        images -> patches, template -> ids (pure; see mixture.py)
+  MapDataset.source(ExampleStream)      example i = f(seed, process, i): source and record
+                                        (stream_plan.py), images -> patches, template -> ids
     .to_iter_dataset()
     .mp_prefetch(workers)               the heavy part, in ``data.workers`` spawned processes
   PackedDataset                         first-fit packing into [B, S] + patch buffers (packing.py)
@@ -34,10 +34,11 @@ from kimi_vl_jax.data import image_processor as ip
 from kimi_vl_jax.data import mixture as mixture_lib
 from kimi_vl_jax.data import packing
 from kimi_vl_jax.data import special_tokens as st
+from kimi_vl_jax.data import stream_plan
 from kimi_vl_jax.data import tokenizer as tokenizer_lib
 from kimi_vl_jax.data.sources import BadRecord, DataError, SkipCounter, open_source
 
-STREAM_LENGTH = 1 << 40      # the example stream is (practically) infinite: sampling with replacement
+STREAM_LENGTH = 1 << 40      # the example stream is (practically) infinite: epochs repeat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +64,15 @@ class ExampleStream:
     self.image_cfg, self.limits, self.seed = image_cfg, limits, seed
     self.process_index, self.examples_per_step, self.strict = process_index, examples_per_step, strict
     self.sizes = [len(s) for s in self.sources]
+    self.plan = stream_plan.StreamPlan(mixture.weights, self.sizes, seed, process_index,
+                                       examples_per_step)
 
   def __len__(self) -> int:
     return STREAM_LENGTH
 
   def __getitem__(self, index: int):
     index = int(index)
-    k, j = self.mixture.choose(self.seed, self.process_index, index, self.examples_per_step,
-                               self.sizes)
+    k, j = self.plan.locate(index)
     origin = f'{self.mixture.names[k]}[{j}]'
     try:
       record = self.sources[k][j]

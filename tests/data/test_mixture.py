@@ -4,6 +4,7 @@ import pytest
 
 from kimi_vl_jax.config import base
 from kimi_vl_jax.data import mixture as mx
+from kimi_vl_jax.data.stream_plan import StreamPlan
 
 SPEC = 'txt=text:/x/*.txt@3;cap=caption:/y.jsonl@1;vqa=messages:/z.jsonl@1#qa;doc=text:/l.txt@1#long'
 
@@ -21,18 +22,23 @@ def test_parse_sources():
       mx.parse_sources(bad)
 
 
+def _picks(m, n, sizes=(10, 10, 10, 10), seed=0, process=0, eps=8):
+  plan = StreamPlan(m.weights, list(sizes), seed, process, eps)
+  return [plan.locate(i) for i in range(n)]
+
+
 def test_realized_proportions_match_weights():
   m = mx.Mixture(tuple(mx.parse_sources(SPEC)))
-  sizes = [10, 10, 10, 10]
-  picks = np.array([m.choose(0, 0, i, 8, sizes)[0] for i in range(6000)])
+  picks = np.array([k for k, _ in _picks(m, 6000)])
   share = np.bincount(picks, minlength=4) / len(picks)
-  np.testing.assert_allclose(share, [0.5, 1 / 6, 1 / 6, 1 / 6], atol=0.02)
-  # Pure in (seed, process, index); another process or seed draws differently.
-  assert m.choose(0, 0, 17, 8, sizes) == m.choose(0, 0, 17, 8, sizes)
-  other = [m.choose(0, 1, i, 8, sizes) for i in range(50)]
-  assert other != [m.choose(0, 0, i, 8, sizes) for i in range(50)]
+  np.testing.assert_allclose(share, [0.5, 1 / 6, 1 / 6, 1 / 6], atol=0.01)
+  # Pure in (seed, process, index): a fresh plan, or one asked out of order, agrees.
+  plan = StreamPlan(m.weights, [10] * 4, 0, 0, 8)
+  assert [plan.locate(i) for i in (5000, 17, 3)] == [_picks(m, 5001)[i] for i in (5000, 17, 3)]
+  assert _picks(m, 50, process=1) != _picks(m, 50)
+  assert _picks(m, 50, seed=1) != _picks(m, 50)
   # An empty shard is never drawn.
-  assert all(m.choose(0, 0, i, 8, [10, 0, 10, 10])[0] != 1 for i in range(200))
+  assert all(k != 1 for k, _ in _picks(m, 300, sizes=(10, 0, 10, 10)))
 
 
 def test_joint_pretrain_schedule():
@@ -47,8 +53,7 @@ def test_joint_pretrain_schedule():
   shares = [m.weights(s)[mm].sum() for s in range(20, 101)]
   assert np.all(np.diff(shares) >= -1e-12), 'multimodal share rises'
   # Realized over a window of steps: draws follow the weights of their step.
-  sizes = [10] * 4
-  early = [m.choose(0, 0, i, 4, sizes)[0] for i in range(0, 80)]         # steps 0..19
+  early = [k for k, _ in _picks(m, 80, eps=4)]         # steps 0..19
   assert not any(mm[k] for k in early)
 
 
@@ -57,8 +62,8 @@ def test_long_share_and_qa_cap():
   m = mx.Mixture.for_stage(mx.parse_sources(SPEC), cfg.stages.long_context_1)
   long = np.array(['long' in s.tags for s in m.sources])
   np.testing.assert_allclose(m.weights(0)[long].sum(), 0.25)
-  picks = np.array([m.choose(1, 0, i, 8, [5] * 4)[0] for i in range(4000)])
-  assert abs(np.mean(long[picks]) - 0.25) < 0.02
+  picks = np.array([k for k, _ in _picks(m, 4000, sizes=[5] * 4, seed=1)])
+  assert abs(np.mean(long[picks]) - 0.25) < 0.01
   capped = mx.Mixture(tuple(mx.parse_sources('t=text:a@1;q=messages:b@9#qa')), qa_share_cap=0.1)
   np.testing.assert_allclose(capped.weights(0), [0.9, 0.1])
   uncapped = mx.Mixture(tuple(mx.parse_sources('t=text:a@9;q=messages:b@1#qa')), qa_share_cap=0.2)
