@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -184,22 +184,28 @@ def format_table(routes_tree) -> str:
   return '\n'.join(lines)
 
 
+def routes_report(model_cfg, trainable: Optional[Sequence[str]] = None) -> str:
+  """The route table of every registered model component (abstract shapes, no allocation)."""
+  from kimi_vl_jax.models.abstract import abstract_components
+  comps = abstract_components(model_cfg)
+  if not comps:
+    return 'no model components are registered in kimi_vl_jax.models.abstract'
+  out = []
+  for name, (variables, _) in comps.items():
+    params = variables['params'] if isinstance(variables, Mapping) and 'params' in variables else variables
+    out.append(f'== {name}')
+    out.append(format_table(route_params(params, trainable)))
+  return '\n'.join(out)
+
+
 def main(argv):
   from absl import flags
   del argv
-  from kimi_vl_jax.models.abstract import abstract_components
   config = flags.FLAGS.config
   if config is None:
     raise SystemExit('--config=experiments/<name>.py is required')
   trainable = config.optim.get('trainable', None) if 'optim' in config else None
-  comps = abstract_components(config.model)
-  if not comps:
-    print('no model components are registered in kimi_vl_jax.models.abstract')
-    return 0
-  for name, (variables, _) in comps.items():
-    params = variables.get('params', variables) if isinstance(variables, dict) else variables
-    print(f'== {name}')
-    print(format_table(route_params(params, trainable)))
+  print(routes_report(config.model, trainable or None))
   return 0
 
 
