@@ -9,12 +9,10 @@ if __name__ == '__main__':
   from kimi_vl_jax.parallel import distributed
   distributed.initialize()
   import jax
-  import numpy as np
   from _pipeline_data import small_config
   from kimi_vl_jax.data import pipeline
   from kimi_vl_jax.data import tokenizer as tokenizer_lib
   from kimi_vl_jax.parallel import mesh as mesh_lib
-  from kimi_vl_jax.parallel import sharding
 
   cfg = small_config(f'docs=text:{os.path.join(data_dir, "docs.txt")}')
   tok = tokenizer_lib.train_sentencepiece(4096)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kimi_vl_jax.data import chat_template as ct
 from kimi_vl_jax.data import examples as ex
 from kimi_vl_jax.data import image_processor as ip
 from kimi_vl_jax.data import special_tokens as st

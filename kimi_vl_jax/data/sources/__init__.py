@@ -6,7 +6,7 @@ entry for one process's shard (see ``base.py`` for the record, ``formats.py`` fo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from kimi_vl_jax.data.sources.arrayrecord import ArrayRecordSource
 from kimi_vl_jax.data.sources.base import (REASONS, BadRecord, DataError, JsonlSource, SkipCounter,

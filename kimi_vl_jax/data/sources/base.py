@@ -22,7 +22,7 @@ import collections
 import glob
 import json
 import os
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 
