@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from kimi_vl_jax.config.validate import MESH_AXES, resolve_mesh_shape
 from kimi_vl_jax.models.abstract import ComponentSpec, abstract_components
 from kimi_vl_jax.parallel.rules import LOGICAL_AXIS_RULES
+from kimi_vl_jax.parallel.sharding import logical_to_spec
 
 
 def _leaves_with_paths(tree) -> list[tuple[str, Any]]:
@@ -61,7 +62,7 @@ def largest_tensors(variables, mesh_sizes: dict, top: int = 8) -> list[dict]:
   for name, leaf in _leaves_with_paths(variables):
     if isinstance(leaf, nn.LogicallyPartitioned):
       value, names = leaf.value, leaf.names
-      spec = nn.logical_to_mesh_axes(names, LOGICAL_AXIS_RULES)
+      spec = logical_to_spec(names, LOGICAL_AXIS_RULES)
     else:
       value, names, spec = leaf, None, P()
     rows.append(dict(name=name, shape=tuple(value.shape), dtype=str(value.dtype),

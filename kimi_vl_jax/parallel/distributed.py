@@ -4,7 +4,11 @@ Sources, in order:
 1. Explicit environment: ``KVJ_COORDINATOR`` (host:port), ``KVJ_NUM_PROCESSES``,
    ``KVJ_PROCESS_ID`` (set by ``launch/multiprocess_cpu.sh`` and friends).
 2. SLURM: ``SLURM_NTASKS`` > 1 (jax's cluster detection reads the rest: the first node of
-   ``SLURM_JOB_NODELIST`` is the coordinator, ``SLURM_PROCID`` the process id).
+   ``SLURM_STEP_NODELIST`` is the coordinator, ``SLURM_PROCID`` the process id). With one
+   process per GPU (``KVJ_SLURM_MODE=gpu``, the default) jax gives each process the GPU
+   ``SLURM_LOCALID``; with one process per node (``KVJ_SLURM_MODE=node``) every GPU of the
+   node (``SLURM_GPUS_ON_NODE``) is passed explicitly, since jax would otherwise give the
+   single process GPU 0 only.
 3. TPU pods: ``KVJ_AUTO_DISTRIBUTED=1`` (or ``TPU_WORKER_HOSTNAMES`` with more than one
    host); jax discovers the topology from the TPU metadata.
 Otherwise nothing happens: a single process needs no initialization.
@@ -43,6 +47,7 @@ class DistributedSpec:
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
   cpu_collectives: Optional[str] = None   # 'gloo' for multi-process CPU
+  local_device_ids: Optional[tuple] = None  # SLURM one-process-per-node: all the node's GPUs
 
 
 def detect(env: Optional[Mapping[str, str]] = None) -> DistributedSpec:
@@ -63,7 +68,16 @@ def detect(env: Optional[Mapping[str, str]] = None) -> DistributedSpec:
     return DistributedSpec('explicit', env['KVJ_COORDINATOR'], n, pid,
                            env.get('KVJ_CPU_COLLECTIVES'))
   if int(env.get('SLURM_NTASKS', '1')) > 1:
-    return DistributedSpec('slurm')
+    mode = env.get('KVJ_SLURM_MODE', 'gpu')
+    if mode == 'gpu':
+      return DistributedSpec('slurm')
+    if mode != 'node':
+      raise ValueError(f'KVJ_SLURM_MODE must be gpu or node, got {mode!r}')
+    gpus = env.get('SLURM_GPUS_ON_NODE')
+    if not gpus or not gpus.isdigit():
+      raise ValueError('KVJ_SLURM_MODE=node needs SLURM_GPUS_ON_NODE (submit with '
+                       f'--gpus-per-node), got {gpus!r}')
+    return DistributedSpec('slurm', local_device_ids=tuple(range(int(gpus))))
   hosts = [h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
   if env.get('KVJ_AUTO_DISTRIBUTED') == '1' or len(hosts) > 1:
     return DistributedSpec('tpu')
@@ -99,6 +113,8 @@ def initialize(env: Optional[Mapping[str, str]] = None,
   if spec.kind == 'explicit':
     kwargs.update(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
                   process_id=spec.process_id)
+  if spec.local_device_ids is not None:
+    kwargs.update(local_device_ids=list(spec.local_device_ids))
   _initialize_with_supported_kwargs(kwargs)
   logging.info('jax.distributed initialized (%s): process %d of %d', spec.kind,
                jax.process_index(), jax.process_count())

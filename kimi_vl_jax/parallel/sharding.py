@@ -11,9 +11,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kimi_vl_jax.parallel.rules import LOGICAL_AXIS_RULES
 
 
+def _without_repeats(logical_axes: Sequence[Optional[str]]) -> tuple:
+  """Later repeats of a logical name become None (replicated).
+
+  One name may label several dims (rules.py: ``vision_pos`` for both H and W of the
+  position table); Flax rejects repeats, and a mesh axis can split only one dim anyway.
+  """
+  seen, out = set(), []
+  for name in logical_axes:
+    out.append(None if name is not None and name in seen else name)
+    seen.add(name)
+  return tuple(out)
+
+
 def logical_to_spec(logical_axes: Sequence[Optional[str]], rules=LOGICAL_AXIS_RULES) -> P:
   """PartitionSpec for one tensor given its logical axis names."""
-  return nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+  return nn.logical_to_mesh_axes(_without_repeats(logical_axes), rules)
 
 
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[Optional[str]],
@@ -28,10 +41,14 @@ def param_shardings(abstract_variables: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULE
   unannotated leaves are replicated. The returned tree has the boxes removed, so it
   matches ``nn.unbox(variables)``.
   """
-  specs = nn.get_partition_spec(abstract_variables)
-  specs = nn.logical_to_mesh(specs, rules)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec if spec is not None else P()),
-                      specs, is_leaf=lambda x: isinstance(x, P) or x is None)
+  def leaf_sharding(leaf):
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      return NamedSharding(mesh, logical_to_spec(leaf.names, rules))
+    if isinstance(leaf, nn.Partitioned):  # already names mesh axes
+      return NamedSharding(mesh, P(*leaf.names))
+    return NamedSharding(mesh, P())
+  return jax.tree.map(leaf_sharding, abstract_variables,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def fit_spec_to_shape(spec: P, shape: Sequence[int], mesh: Mesh) -> P:

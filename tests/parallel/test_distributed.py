@@ -44,6 +44,16 @@ def test_detect_slurm_tpu_single():
   assert detect({}) == DistributedSpec('single')
 
 
+def test_detect_slurm_one_process_per_node_sees_every_gpu():
+  env = dict(SLURM_NTASKS='4', KVJ_SLURM_MODE='node', SLURM_GPUS_ON_NODE='8')
+  assert detect(env).local_device_ids == tuple(range(8))
+  assert detect(dict(SLURM_NTASKS='4', KVJ_SLURM_MODE='gpu')).local_device_ids is None
+  with pytest.raises(ValueError, match='SLURM_GPUS_ON_NODE'):
+    detect(dict(SLURM_NTASKS='4', KVJ_SLURM_MODE='node'))
+  with pytest.raises(ValueError, match='KVJ_SLURM_MODE must be gpu or node'):
+    detect(dict(SLURM_NTASKS='4', KVJ_SLURM_MODE='core'))
+
+
 def test_initialize_single_process_is_a_no_op():
   spec = distributed.initialize(env={})
   assert spec.kind == 'single'

@@ -224,3 +224,19 @@ def test_batch_shardings_tree():
   out = sharding.batch_shardings(tree, mesh)
   assert out['a'].spec == P(('data', 'fsdp', 'expert'), None)
   assert out['b'].spec == P(('data', 'fsdp', 'expert'))
+
+
+def test_a_repeated_logical_name_shards_only_its_first_dim():
+  """rules.py labels both (H, W) dims of a position table 'vision_pos'; Flax rejects repeats."""
+  assert sharding.logical_to_spec(('vision_pos', 'vision_pos', 'vision_embed')) == P(
+      None, None, 'fsdp')
+  assert sharding.logical_to_spec(('embed', 'embed')) == P('fsdp', None)
+  mesh = _mesh(dict(data=1, fsdp=4, expert=1, tensor=2))
+  table = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8, 8, 16), jnp.float32),
+                                  ('vision_pos', 'vision_pos', 'vision_embed'))
+  mesh_named = nn.Partitioned(jax.ShapeDtypeStruct((8, 4), jnp.float32), ('tensor', None))
+  out = sharding.fitted_param_shardings(
+      {'params': {'pos': table, 'raw': mesh_named, 'plain': jnp.zeros((3,))}}, mesh)['params']
+  assert out['pos'].spec == P(None, None, 'fsdp')
+  assert out['raw'].spec == P('tensor', None)
+  assert _padded(out['plain'].spec, 1) == (None,)
