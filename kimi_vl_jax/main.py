@@ -17,6 +17,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (expe
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
 _MODE = flags.DEFINE_enum('mode', 'describe', ['describe', 'train'], 'What to run.')
+_STAGES = flags.DEFINE_list('stages', None, 'Train only these stages (config.stages.<name>), in '
+                            'curriculum order; default: every enabled stage.')
 
 
 def run(argv) -> int:
@@ -25,6 +27,7 @@ def run(argv) -> int:
   from kimi_vl_jax.parallel import distributed
   distributed.initialize()
   from kimi_vl_jax.config import ConfigError, validate
+  import kimi_vl_jax.train  # noqa: F401  (registers the stage checks with validate)
 
   config = _CONFIG.value
   if config is None:
@@ -51,7 +54,11 @@ def run(argv) -> int:
     describe(config)
     return 0
   from kimi_vl_jax.train import run_experiment  # the trainer issue provides this
-  return run_experiment(config, _WORKDIR.value)
+  try:
+    return run_experiment(config, _WORKDIR.value, _STAGES.value)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
 
 
 def flag_error_line(error: BaseException, argv) -> str:

@@ -35,6 +35,9 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       async_checkpoints=True,
       profile_start=-1,          # global step of the first traced step (-1 = no trace)
       profile_steps=3,
+      image_max_side=224,        # vit_pretrain images: max side in pixels (stage image_sides override)
+      caption_len=32,            # caption tokens per example in vit_pretrain
+      eval_examples=32,          # held-out examples per eval set (train/evaluate.py)
   ))
   c.stages = stages_schema()
 

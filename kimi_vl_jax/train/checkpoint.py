@@ -71,6 +71,18 @@ class StageCheckpoints:
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out['state'], dict(out['meta']), (dict(out['data']) if has_data else None)
 
+  def restore_raw(self, step: Optional[int] = None) -> dict:
+    """The saved state as a nested dict of host numpy arrays (no target structure needed), for
+    loading parameters by path into a different model (the next stage)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no committed checkpoint in {self.directory}')
+    meta = self.manager.item_metadata(step)['state']
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=None, restore_args=restore_args)))
+    return out['state']
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -47,8 +47,24 @@ def create_state(params, extra, tx: optax.GradientTransformation, rng) -> TrainS
 
 
 def abstract_variables(init_fn: Callable, *args):
-  """Boxed abstract variables of ``init_fn(*args)`` (shapes + logical names, no allocation)."""
-  return jax.eval_shape(init_fn, *args)
+  """Boxed abstract variables of ``init_fn(*args)`` (shapes + logical names, no allocation),
+  with repeated logical names of one tensor replicated after their first use (flax rejects a
+  name twice in one tensor, e.g. the (H, W) axes of MoonViT's position table, both 'vision_pos';
+  a mesh axis can shard only one dimension anyway)."""
+  import flax.linen as nn
+
+  def dedupe(box):
+    if not isinstance(box, nn.LogicallyPartitioned):
+      return box
+    seen, names = set(), []
+    for n in box.names:
+      names.append(None if n is not None and n in seen else n)
+      if n is not None:
+        seen.add(n)
+    return box.replace(names=tuple(names))
+
+  return jax.tree.map(dedupe, jax.eval_shape(init_fn, *args),
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def state_shardings(boxed_abstract_variables, tx: optax.GradientTransformation, mesh: Mesh):

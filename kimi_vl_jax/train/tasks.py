@@ -6,7 +6,8 @@
 
 Batch keys (host numpy, leading axis B):
   tokens, segment_ids, positions, loss_mask, source_ids: [B, S] int32 (LM rows);
-  patches [B, P, 588] float32 and patch_segment_ids, rows, cols, grid_h, grid_w [B, P] int32;
+  patches [B, P, 588] float32 and patch_segment_ids, patch_rows, patch_cols, patch_grid_h,
+  patch_grid_w [B, P] int32 (``data/pipeline.py``);
   caption, caption_mask: [B, T] int32 (vit_pretrain only).
 
 The LM loss is next-token CE over ``loss_mask``-ed targets (``losses.shift_targets``) plus
@@ -27,7 +28,8 @@ from kimi_vl_jax.train.coca import CocaHeads
 from kimi_vl_jax.train.step import Task
 
 LM_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask', 'source_ids')
-PATCH_KEYS = ('patches', 'patch_segment_ids', 'rows', 'cols', 'grid_h', 'grid_w')
+PATCH_KEYS = ('patches', 'patch_segment_ids', 'patch_rows', 'patch_cols', 'patch_grid_h',
+              'patch_grid_w')
 
 
 def _hidden_interceptor(next_fun, args, kwargs, context):
@@ -93,20 +95,21 @@ def lm_task(model_cfg, train_cfg, source_names=()) -> Task:
   return Task('lm', init, loss, tuple(source_names), model, lm_cfg)
 
 
-def kimi_vl_task(model_cfg, train_cfg, source_names=()) -> Task:
-  from kimi_vl_jax.models.kimi_vl import KimiVL, dummy_batch
+def kimi_vl_task(model_cfg, train_cfg, source_names=(), media_pad_id: int = 0) -> Task:
+  from kimi_vl_jax.models.kimi_vl import KimiVL, dummy_inputs
   cfg = FrozenConfigDict(model_cfg)
-  model = KimiVL(cfg)
+  model = KimiVL(cfg, media_pad_id=media_pad_id)
   chunk = int(train_cfg.get('loss_vocab_chunk', 0))
   k = len(source_names)
 
   def init(rng):
-    return model.init(rng, **dummy_batch(cfg))
+    return model.init(rng, **dummy_inputs(cfg, media_pad_id))
 
   def loss(params, extra, batch, rng):
     del rng
-    kwargs = {key: batch[key] for key in ('tokens', 'segment_ids', 'positions') + PATCH_KEYS}
-    out, aux = _apply_lm_like(model, {'params': params, **extra}, (), kwargs, chunk)
+    args = (batch['tokens'], batch['segment_ids'], batch['positions'])
+    kwargs = {key: batch[key] for key in PATCH_KEYS if key in batch}
+    out, aux = _apply_lm_like(model, {'params': params, **extra}, args, kwargs, chunk)
     return lm_objective(out, _lm_head_kernel(params), batch, aux, cfg.lm, chunk, k)
 
   return Task('kimi_vl', init, loss, tuple(source_names), model, cfg)

@@ -1,0 +1,160 @@
+"""Stage data sources for the loop: ``next() -> host batch``, ``get_state()``, ``set_state()``.
+
+- LM / Kimi-VL stages: the project pipeline (``data/pipeline.py``: mixtures with the stage's
+  schedules, first-fit packing, resumable grain iterator; its JSON state goes into each
+  checkpoint). ``loss_on='all'`` widens the template's loss mask to every non-media token of
+  every example (pretraining); ``'assistant'`` keeps the template's answer-only mask (SFT).
+- ``vit_pretrain``: ``CaptionSource`` below, one image and its caption per row, drawn from the
+  generated image datasets; row r of step s is a pure function of (seed, s, r), so its state is
+  the step. Progressive resolution follows ``stage.max_image_side(step)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Optional
+
+import jax
+import numpy as np
+
+from kimi_vl_jax.data import image_processor as ip, patch_packing
+from kimi_vl_jax.data import special_tokens as st
+from kimi_vl_jax.data.generated import get_dataset
+from kimi_vl_jax.data.tokenizer import load_or_train
+
+TEXT_SOURCES = ('text', 'needle', 'math')
+DEFAULT_CAPTION_MIXTURE = 'shapes=2,ocr=1,charts=1'
+
+
+def parse_mixture(spec: str) -> dict:
+  out = {}
+  for part in spec.split(','):
+    name, _, w = part.partition('=')
+    out[name.strip()] = float(w)
+  return out
+
+
+def _row_rng(*key) -> random.Random:
+  digest = hashlib.blake2b('|'.join(map(str, key)).encode(), digest_size=8).digest()
+  return random.Random(int.from_bytes(digest, 'little'))
+
+
+class CaptionSource:
+  """Image + caption rows for ``vit_pretrain`` (see the module docstring)."""
+
+  def __init__(self, config, stage, split: str = 'train', seed: Optional[int] = None):
+    t = config.train
+    self.stage, self.split = stage, split
+    self.seed = t.seed if seed is None else seed
+    self.tok = load_or_train(vocab_size=config.model.lm.vocab_size)
+    self.pad_id = self.tok.pad_id
+    self.bos, self.eos = self.tok.bos_id, self.tok.eos_id
+    self.rows = stage.global_batch // jax.process_count()
+    self.row_offset = jax.process_index() * self.rows
+    self.patches = int(config.data.max_patches_per_row)
+    self.max_side = int(t.image_max_side)
+    self.image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision)
+    self.caption_len = min(int(t.caption_len), int(config.model.coca.max_len))
+    self.mixture = parse_mixture(stage.block.mixture or DEFAULT_CAPTION_MIXTURE)
+    self.source_names = tuple(self.mixture)
+    self._datasets: dict = {}
+    self.step = 0
+
+  # ---- datasets
+  def dataset(self, name: str, max_side: int, **kw):
+    key = (name, max_side, tuple(sorted(kw.items())))
+    if key not in self._datasets:
+      extra = {} if name in TEXT_SOURCES else {'max_side': max_side, 'min_side': min(56, max_side)}
+      self._datasets[key] = get_dataset(name, self.split, self.seed, **extra, **kw)
+    return self._datasets[key]
+
+  def _pick(self, rng: random.Random, names) -> str:
+    names = [n for n in names if self.mixture.get(n, 0) > 0]
+    weights = [self.mixture[n] for n in names]
+    return rng.choices(names, weights)[0]
+
+  # ---- batches
+  def next(self) -> dict:
+    out = self._vit_batch(self.step)
+    self.step += 1
+    return out
+
+  def get_state(self) -> dict:
+    return {'step': self.step}
+
+  def set_state(self, state: dict) -> None:
+    self.step = int(state['step'])
+
+  def _vit_batch(self, step: int) -> dict:
+    rows = []
+    # Never beyond what one row's patch buffer holds (a square image of side s needs
+    # (ceil(s / 28) * 2)^2 patches) nor beyond train.image_max_side.
+    fits = int(np.sqrt(self.patches)) // 2 * 28
+    side = min(self.stage.max_image_side(step, self.max_side), self.max_side, fits)
+    for r in range(self.rows):
+      rng = _row_rng(self.seed, self.stage.name, self.split, step, self.row_offset + r)
+      name = self._pick(rng, [n for n in self.mixture if n not in TEXT_SOURCES])
+      ds = self.dataset(name, side)
+      record = ds[rng.randrange(len(ds))]
+      rows.append(self.caption_example(record))
+    out = {k: np.stack([r[k] for r in rows]) for k in ('caption', 'caption_mask')}
+    packed = patch_packing.stack_packs([r['packed'] for r in rows])
+    out['patches'] = packed['patches']
+    for k in patch_packing.PATCH_FIELDS[1:]:
+      out['patch_' + k] = packed[k]
+    return out
+
+  def caption_example(self, record: dict) -> dict:
+    """One image + caption (``caption`` task: the answer; QA records: question + answer)."""
+    user = [it for it in record['messages'][-2]['content']]
+    image = next(it['image'] for it in user if it['type'] == 'image')
+    question = ' '.join(it['text'] for it in user if it['type'] == 'text')
+    text = record['answer'] if record['task'] == 'caption' else f'{question} {record["answer"]}'
+    ids = [self.bos] + self.tok.encode(text)[: self.caption_len - 2] + [self.eos]
+    cap = np.full(self.caption_len, self.pad_id, np.int32)
+    cap[:len(ids)] = ids
+    cmask = (np.arange(self.caption_len) < len(ids)).astype(np.int32)
+    im = ip.process_image(image, self.image_cfg)
+    return {'caption': cap, 'caption_mask': cmask,
+            'packed': patch_packing.pack_images([im], self.patches)}
+
+
+class PipelineSource:
+  """The project pipeline for one LM / Kimi-VL stage (see the module docstring)."""
+
+  def __init__(self, config, stage, with_images: bool):
+    from kimi_vl_jax.data import pipeline
+    self.tok = load_or_train(config.data.tokenizer, config.model.lm.vocab_size,
+                             config.data.tokenizer_cache)
+    self.dataset = pipeline.build_dataset(config, stage=stage.name, stage_steps=stage.steps,
+                                          tokenizer=self.tok, seq_len=stage.seq_len,
+                                          global_batch=stage.global_batch)
+    self.iterator = iter(self.dataset)
+    self.source_names = tuple(self.dataset.stream.mixture.names) if hasattr(
+        self.dataset, 'stream') else ()
+    self.loss_on = stage.block.loss_on
+    self.with_images = with_images
+    self.media_ids = np.array([self.tok.token_id(x) for x in st.MEDIA_TOKENS], np.int32)
+
+  def next(self) -> dict:
+    batch = dict(next(self.iterator))
+    if self.loss_on == 'all':
+      real = (batch['segment_ids'] > 0) & ~np.isin(batch['tokens'], self.media_ids)
+      batch['loss_mask'] = real.astype(np.int32)
+    if not self.with_images:
+      batch = {k: v for k, v in batch.items() if not k.startswith('patch')}
+    batch['source_ids'] = np.maximum(batch['source_ids'], 0)
+    return batch
+
+  def get_state(self) -> dict:
+    return self.iterator.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self.iterator.set_state(state)
+
+
+def make_source(config, stage, mesh=None):
+  del mesh
+  if stage.task == 'vit_pretrain':
+    return CaptionSource(config, stage)
+  return PipelineSource(config, stage, with_images=stage.task == 'kimi_vl')

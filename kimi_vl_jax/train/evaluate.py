@@ -1,0 +1,193 @@
+"""Evaluation in training: held-out exact match by greedy generation, caption perplexity, needle.
+
+Eval sets (``config.stages.<name>.eval``), all from the generated datasets' held-out split (disjoint
+from training by construction, ``data/generated/base.py``):
+- ``vqa``: shapes color + shape questions; ``counting``: shapes count; ``ocr``: ocr_word;
+- ``caption_ppl``: perplexity of the canonical caption (answer tokens) of shapes ``caption`` records;
+- ``needle``: a 4-digit code hidden in a haystack that fills about the stage's row length.
+
+Greedy decoding runs the full model over a fixed [B, S] buffer once per new token inside one
+``fori_loop`` (no KV cache: the prompt carries images, and answers are a few tokens), and reads
+only the last position's logits from the final hidden states (``lm_head`` applied to one vector
+per row), so long rows never materialize [B, S, V].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kimi_vl_jax.data import chat_template, image_processor as ip, patch_packing
+from kimi_vl_jax.data import special_tokens as st
+from kimi_vl_jax.data.generated import chance_level, get_dataset, is_correct
+from kimi_vl_jax.parallel import sharding as shard_lib
+from kimi_vl_jax.train import tasks as tasks_lib
+
+# eval name -> (dataset, tasks)
+EXACT_MATCH_SETS = {
+    'vqa': ('shapes', ('color', 'shape')),
+    'counting': ('shapes', ('count',)),
+    'ocr': ('ocr', ('ocr_word',)),
+    'needle': ('needle', ('needle',)),
+}
+CHANCE = {name: float(np.mean([chance_level(t) for t in tasks]))
+          for name, (_, tasks) in EXACT_MATCH_SETS.items() if name != 'needle'}
+
+
+def _prompt(record: dict, tok, image_cfg, patches: int, seq_len: int):
+  """Prompt ids (all turns but the answer, then the assistant header) and packed images."""
+  messages = record['messages'][:-1]
+  images = [ip.process_image(it['image'], image_cfg) for m in messages
+            for it in chat_template.content_items(m) if it['type'] == 'image']
+  counts = [im.num_patches // 4 for im in images]
+  ids, _ = chat_template.encode_chat(messages, tok, counts, add_generation_prompt=True)
+  if len(ids) > seq_len:
+    raise ValueError(f'{record.get("origin")}: prompt of {len(ids)} tokens exceeds the eval row '
+                     f'length {seq_len}')
+  return ids, patch_packing.pack_images(images, patches) if patches else None
+
+
+def _rows(prompts, seq_len: int, batch: int):
+  b = len(prompts)
+  tokens = np.zeros((batch, seq_len), np.int32)
+  lens = np.ones((batch,), np.int32)
+  for i, (ids, _) in enumerate(prompts):
+    tokens[i, :len(ids)] = ids
+    lens[i] = len(ids)
+  out = {'tokens': tokens, 'lens': lens}
+  if prompts[0][1] is not None:
+    packs = [p for _, p in prompts] + [prompts[0][1]] * (batch - b)
+    stacked = patch_packing.stack_packs(packs)
+    out['patches'] = stacked['patches']
+    for k in patch_packing.PATCH_FIELDS[1:]:
+      out['patch_' + k] = stacked[k]
+    # Padding rows repeat the first prompt's images; give them its tokens too (consistent counts).
+    for i in range(b, batch):
+      out['tokens'][i] = tokens[0]
+      out['lens'][i] = lens[0]
+  return out
+
+
+def make_greedy(task, max_new: int):
+  """jit-able ``fn(params, extra, batch) -> new tokens [B, max_new]``."""
+  model = task.model
+
+  def hidden(variables, tokens, seg, pos, kwargs):
+    with nn.intercept_methods(tasks_lib._hidden_interceptor):
+      out, _ = model.apply(variables, tokens, seg, pos, **kwargs)
+    return out
+
+  def fn(params, extra, batch):
+    variables = {'params': params, **extra}
+    kernel = tasks_lib._lm_head_kernel(params)
+    tokens, lens = batch['tokens'], batch['lens']
+    b, s = tokens.shape
+    kwargs = {k: batch[k] for k in tasks_lib.PATCH_KEYS if k in batch}
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+    def body(i, carry):
+      tokens, cur = carry
+      seg = (pos < cur[:, None]).astype(jnp.int32)
+      h = hidden(variables, tokens, seg, pos, kwargs)
+      h_last = jnp.take_along_axis(h, (cur - 1)[:, None, None], axis=1)[:, 0]
+      nxt = jnp.argmax(h_last.astype(jnp.float32) @ kernel.astype(jnp.float32), axis=-1)
+      write = cur < s
+      idx = jnp.minimum(cur, s - 1)
+      tokens = tokens.at[jnp.arange(b), idx].set(
+          jnp.where(write, nxt.astype(tokens.dtype), tokens[jnp.arange(b), idx]))
+      return tokens, cur + 1
+
+    out, _ = jax.lax.fori_loop(0, max_new, body, (tokens, lens))
+    gather = jnp.minimum(lens[:, None] + jnp.arange(max_new)[None], s - 1)
+    return jnp.take_along_axis(out, gather, axis=1)
+
+  return fn
+
+
+class Evaluator:
+  """Callable ``(config, stage, task, state, mesh) -> {metric: value}`` for the loop."""
+
+  def __init__(self, num_examples: int = 32, max_new_tokens: int = 8, split: str = 'eval'):
+    self.n, self.max_new, self.split = num_examples, max_new_tokens, split
+    self._cache = {}
+
+  def __call__(self, config, stage, task, state, mesh) -> dict:
+    if stage.task == 'vit_pretrain' or not stage.block.eval:
+      return {}
+    from kimi_vl_jax.data.tokenizer import load_or_train
+    tok = load_or_train(config.data.tokenizer, config.model.lm.vocab_size, config.data.tokenizer_cache)
+    image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision,
+                                                           config.data.in_token_limit)
+    patches = int(config.data.max_patches_per_row) if stage.task == 'kimi_vl' else 0
+    out = {}
+    for name in stage.block.eval:
+      if name == 'caption_ppl':
+        out['caption_ppl'] = self.caption_ppl(config, stage, task, state, mesh, tok, image_cfg, patches)
+        continue
+      if name in ('vqa', 'counting', 'ocr') and stage.task != 'kimi_vl':
+        continue
+      ds_name, tasks = EXACT_MATCH_SETS[name]
+      kw = {'length': max(10, stage.seq_len // 3)} if ds_name == 'needle' else {'max_side': 112}
+      ds = get_dataset(ds_name, self.split, config.data.seed, tasks=tasks, **kw)
+      records = [ds[i] for i in range(self.n)]
+      texts = self.generate(config, stage, task, state, mesh, tok, image_cfg, patches, records)
+      out[f'exact_match/{name}'] = float(np.mean([is_correct(r, t) for r, t in zip(records, texts)]))
+    return out
+
+  def generate(self, config, stage, task, state, mesh, tok, image_cfg, patches, records) -> list[str]:
+    dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
+    batch = -(-len(records) // dp) * dp
+    seq = stage.seq_len
+    prompts = [_prompt(r, tok, image_cfg, patches, seq - self.max_new) for r in records]
+    rows = _rows(prompts, seq, batch)
+    key = (stage.name, id(task), batch, seq)
+    if key not in self._cache:
+      self._cache = {key: jax.jit(make_greedy(task, self.max_new))}
+    host = {k: v for k, v in rows.items()}
+    dev = shard_lib.make_global_batch(host, mesh)
+    new = np.asarray(jax.device_get(self._cache[key](state.params, state.extra, dev)))
+    end = tok.token_id(st.IM_END)
+    texts = []
+    for row in new[:len(records)]:
+      ids = list(row)
+      if end in ids:
+        ids = ids[:ids.index(end)]
+      texts.append(tok.decode([int(i) for i in ids]))
+    return texts
+
+  def caption_ppl(self, config, stage, task, state, mesh, tok, image_cfg, patches) -> float:
+    from kimi_vl_jax.data import examples as examples_lib
+    ds = get_dataset('shapes', self.split, config.data.seed, tasks=('caption',), max_side=112)
+    dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
+    n = -(-self.n // dp) * dp
+    seq = stage.seq_len
+    exs = [examples_lib.build_example(ds[i % self.n], tok, image_cfg) for i in range(n)]
+    batch = {'tokens': np.zeros((n, seq), np.int32), 'segment_ids': np.zeros((n, seq), np.int32),
+             'positions': np.zeros((n, seq), np.int32), 'loss_mask': np.zeros((n, seq), np.int32),
+             'source_ids': np.zeros((n, seq), np.int32)}
+    packs = []
+    for i, ex in enumerate(exs):
+      t = min(ex.num_tokens, seq)
+      batch['tokens'][i, :t] = ex.tokens[:t]
+      batch['segment_ids'][i, :t] = 1
+      batch['positions'][i, :t] = np.arange(t)
+      batch['loss_mask'][i, :t] = ex.loss_mask[:t]
+      if patches:
+        packs.append(patch_packing.pack_images(list(zip(ex.patches, ex.grids)), patches))
+    if patches:
+      stacked = patch_packing.stack_packs(packs)
+      batch['patches'] = stacked['patches']
+      for k in patch_packing.PATCH_FIELDS[1:]:
+        batch['patch_' + k] = stacked[k]
+    key = ('ppl', stage.name, id(task), n, seq)
+    if key not in self._cache:
+      self._cache[key] = jax.jit(lambda p, e, b: task.loss(p, e, b, None))
+    obj, aux = self._cache[key](state.params, state.extra, shard_lib.make_global_batch(batch, mesh))
+    return float(np.exp(float(obj) / max(float(aux['sums']['denom']), 1.0)))
+
+
+def default_evaluator(config) -> Optional[Evaluator]:
+  return Evaluator(num_examples=int(config.train.eval_examples))

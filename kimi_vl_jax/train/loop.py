@@ -1,0 +1,289 @@
+"""The curriculum loop: stages in order, each resumed from its own checkpoints or started from the
+previous stage's last one; progress/ETA, JSONL + TensorBoard metrics, profiler window, evals,
+stage reports; SIGTERM saves and exits cleanly.
+
+Per stage: ``<workdir>/checkpoints/<stage>/`` (Orbax) and ``<workdir>/<stage>/`` (metrics.jsonl,
+tb/, curves.png, report.md). The run writes ``<workdir>/report.{json,md}``.
+
+Data: a source (``train/data.py``) gives ``next() -> dict`` of process-local host arrays and a
+JSON ``get_state()`` saved in every checkpoint, so a resumed stage sees exactly the batches an
+uninterrupted run would.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+
+from kimi_vl_jax.data import special_tokens
+from kimi_vl_jax.metrics.writer import MetricsWriter
+from kimi_vl_jax.parallel import mesh as mesh_lib, sharding as shard_lib
+from kimi_vl_jax.train import checkpoint as ckpt_lib, flops, report, stages as stages_lib
+from kimi_vl_jax.train import state as state_lib, step as step_lib, tasks as tasks_lib
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite steps; the message names the step and data position."""
+
+
+class _Preemption:
+  """SIGTERM -> a flag the loop polls between steps (saving happens on the main thread)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def build_task(config, stage: stages_lib.Stage, source_names=(), media_pad_id: int = 0
+               ) -> step_lib.Task:
+  if stage.task == 'vit_pretrain':
+    return tasks_lib.vit_pretrain_task(stage.model)
+  if stage.task == 'lm':
+    return tasks_lib.lm_task(stage.model, config.train, source_names)
+  return tasks_lib.kimi_vl_task(stage.model, config.train, source_names, media_pad_id)
+
+
+def _default_source_factory(config, stage, mesh):
+  from kimi_vl_jax.train import data as data_lib
+  return data_lib.make_source(config, stage, mesh)
+
+
+def run_experiment(config, workdir: str, stages: Optional[Sequence[str]] = None,
+                   source_factory: Optional[Callable] = None, evaluator: Optional[Callable] = None) -> int:
+  """Runs the enabled (or selected) stages; returns 0 on success and after a SIGTERM save."""
+  if not workdir:
+    raise ValueError('run_experiment: --workdir is required for training')
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.build_mesh(config.mesh)
+  source_factory = source_factory or _default_source_factory
+  if evaluator is None:
+    from kimi_vl_jax.train import evaluate
+    evaluator = evaluate.default_evaluator(config)
+  names = stages_lib.enabled_stages(config, stages)
+  summaries = {}
+  with _Preemption() as preempt:
+    for name in names:
+      stage = stages_lib.resolve(config, name)
+      summary = run_stage(config, stage, workdir, mesh, source_factory, preempt, evaluator)
+      summaries[name] = summary
+      if summary.get('interrupted') or preempt.requested:
+        logging.info('SIGTERM: saved %s at step %s; exiting', name, summary.get('step', summary.get('steps')))
+        return 0
+  all_summaries = _collect_summaries(config, workdir)
+  if jax.process_index() == 0:
+    from kimi_vl_jax.train import evaluate
+    report.run_report(workdir, all_summaries, evaluate.CHANCE)
+  return 0
+
+
+def _collect_summaries(config, workdir):
+  out = {}
+  for name in stages_lib.enabled_stages(config):
+    ck = ckpt_lib.StageCheckpoints(workdir, name)
+    meta = ck.read_meta()
+    if meta and meta.get('complete'):
+      out[name] = meta.get('summary', {})
+    ck.close()
+  return out
+
+
+def _prev_params(config, workdir: str, stage: stages_lib.Stage):
+  """Host (params, extra) of the previous enabled stage's last checkpoint, or None if first."""
+  prev = stages_lib.previous_stage(config, stage.name)
+  if prev is None:
+    return None
+  ck = ckpt_lib.StageCheckpoints(workdir, prev)
+  try:
+    meta = ck.read_meta()
+    if not meta or not meta.get('complete'):
+      raise FileNotFoundError(
+          f'stage {stage.name} starts from the last checkpoint of {prev}, but {ck.directory} has '
+          f'no completed checkpoint; run {prev} first (or disable it: config.stages.{prev}.enabled=False)')
+    tree = ck.restore_raw()
+  finally:
+    ck.close()
+  return tree['params'], tree.get('extra', {})
+
+
+def _init_state(task, opt, sh, rng, prev):
+  def make():
+    params, extra = state_lib.split_variables(nn.unbox(task.init(rng)))
+    return state_lib.create_state(params, extra, opt, jax.random.fold_in(rng, 1))
+
+  st = jax.jit(make, out_shardings=sh)()
+  if prev is None:
+    return st, []
+  params, copied = stages_lib.transfer_params(prev[0], jax.device_get(st.params))
+  extra, _ = stages_lib.transfer_params(prev[1], jax.device_get(st.extra))
+  params = jax.device_put(params, sh.params)
+  extra = jax.device_put(extra, sh.extra)
+  return st.replace(params=params, extra=extra), copied
+
+
+def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factory, preempt,
+              evaluator=None) -> dict:
+  t = config.train
+  ck = ckpt_lib.StageCheckpoints(workdir, stage.name, keep=t.keep_checkpoints,
+                                 async_save=t.async_checkpoints)
+  meta = ck.read_meta()
+  if meta and meta.get('complete'):
+    logging.info('stage %s: complete at step %d; skipping', stage.name, meta['step'])
+    ck.close()
+    return meta.get('summary', {})
+
+  source = source_factory(config, stage, mesh)
+  media_pad = source.tok.token_id(special_tokens.MEDIA_PAD)
+  task = build_task(config, stage, getattr(source, 'source_names', ()), media_pad)
+  rng = jax.random.PRNGKey(t.seed + 1000 * stage.index)
+  abstract = state_lib.abstract_variables(task.init, rng)
+  from kimi_vl_jax.optim import build_optimizer
+  opt = build_optimizer(stage.optim, abstract['params'], mesh, trainable=stage.trainable or None,
+                        total_steps=stage.steps)
+  sh = state_lib.state_shardings(abstract, opt, mesh)
+  params_abs = nn.unbox(abstract)['params']
+  mask = stages_lib.trainable_mask(params_abs, stage.trainable) if stage.trainable else None
+  step_cfg = step_lib.StepConfig(microbatches=t.microbatches, grad_clip_norm=t.grad_clip_norm,
+                                 router_bias_rate=stage.router_bias_rate,
+                                 param_cast_dtype=t.param_cast_dtype)
+  step_fn = step_lib.make_train_step(task, opt, step_cfg, mask, getattr(opt, 'schedule', None))
+  example = source.next()
+  jitted = step_lib.jit_train_step(step_fn, sh, example, mesh)
+
+  start_step, tokens_seen, copied = 0, 0, []
+  latest = ck.latest_step()
+  if latest is not None:
+    def make():
+      params, extra = state_lib.split_variables(nn.unbox(task.init(rng)))
+      return state_lib.create_state(params, extra, opt, rng)
+    target = state_lib.abstract_state(sh, make)
+    st, meta, data_state = ck.restore(target)
+    start_step, tokens_seen = int(meta['step']), int(meta.get('tokens_seen', 0))
+    if data_state is not None:
+      source.set_state(data_state)
+    example = source.next()
+    logging.info('stage %s: resumed at step %d', stage.name, start_step)
+  else:
+    st, copied = _init_state(task, opt, sh, rng, _prev_params(config, workdir, stage))
+    if copied:
+      logging.info('stage %s: loaded %d tensors from the previous stage', stage.name, len(copied))
+
+  stage_dir = os.path.join(workdir, stage.name)
+  writer = MetricsWriter(stage_dir, total_steps=stage.steps, tensorboard=config.metrics.tensorboard,
+                         progress=config.metrics.progress, prefix='')
+  lm_flops = (flops.lm_forward_flops_per_token(stage.model.lm, stage.seq_len)
+              if stage.task != 'vit_pretrain' else 0.0)
+  peak = flops.peak_flops_per_device() * jax.device_count()
+  source_names = task.source_names
+  eval_results = {}
+  t_stage = time.time()
+  pending = None
+  last_loss = float('nan')
+  t_last, tok_last = time.time(), tokens_seen
+  profiling = False
+
+  def meta_of(step, complete=False):
+    return {'stage': stage.name, 'step': step, 'tokens_seen': tokens_seen, 'data_position': step,
+            'complete': complete, 'config': config.to_json_best_effort() if hasattr(
+                config, 'to_json_best_effort') else str(config)}
+
+  def flush(item):
+    nonlocal last_loss, t_last, tok_last
+    step_i, metrics, tok = item
+    m = jax.device_get(metrics)
+    if int(m['nonfinite_run']) >= t.max_consecutive_nonfinite:
+      raise NonFiniteError(
+          f'stage {stage.name}: {int(m["nonfinite_run"])} consecutive non-finite steps ending at '
+          f'step {step_i} (data position {step_i}: batch(step={step_i}) of the stage source); '
+          f'last checkpoint: {ck.latest_step()}')
+    if (step_i + 1) % config.metrics.log_every and step_i + 1 != stage.steps:
+      return
+    now = time.time()
+    dt = max(now - t_last, 1e-9)
+    scalars = {k: v for k, v in m.items() if np.ndim(v) == 0}
+    for key in ('source_loss', 'source_tokens'):
+      if key in m:
+        for name, v in zip(source_names, m[key]):
+          scalars[f'{key}/{name}'] = v
+    tps = (tokens_seen - tok_last) / dt
+    scalars['tokens_per_s'] = tps
+    scalars['tokens_seen'] = tokens_seen
+    if lm_flops:
+      scalars['mfu'] = 3.0 * lm_flops * tps / peak
+    t_last, tok_last = now, tokens_seen
+    last_loss = float(m['loss'])
+    writer.write(step_i + 1, scalars)
+
+  try:
+    for step in range(start_step, stage.steps):
+      if t.profile_start >= 0 and step == t.profile_start and not profiling:
+        jax.profiler.start_trace(os.path.join(stage_dir, 'profile'))
+        profiling = True
+      host = example if step == start_step else source.next()
+      batch = shard_lib.make_global_batch(host, mesh)
+      st, metrics = jitted(st, batch)
+      tokens_seen += tasks_lib.host_batch_tokens(host) * jax.process_count()
+      if pending is not None:
+        flush(pending)
+      pending = (step, metrics, tokens_seen)
+      if profiling and step + 1 >= t.profile_start + t.profile_steps:
+        jax.block_until_ready(st)
+        jax.profiler.stop_trace()
+        profiling = False
+      done = step + 1
+      if evaluator is not None and stage.block.eval_every and done % stage.block.eval_every == 0 \
+          and done < stage.steps:
+        res = evaluator(config, stage, task, st, mesh)
+        writer.write(done, {f'eval/{k}': v for k, v in res.items()})
+      if t.checkpoint_every and done % t.checkpoint_every == 0 and done < stage.steps:
+        ck.save(done, st, meta_of(done), source.get_state())
+      if preempt.requested and done < stage.steps:
+        flush(pending)
+        pending = None
+        ck.save(done, st, meta_of(done), source.get_state())
+        ck.wait()
+        writer.close()
+        ck.close()
+        return {'interrupted': True, 'step': done}
+    if pending is not None:
+      flush(pending)
+    if evaluator is not None and stage.block.eval:
+      eval_results = evaluator(config, stage, task, st, mesh)
+      writer.write(stage.steps, {f'eval/{k}': v for k, v in eval_results.items()})
+    summary = {'stage': stage.name, 'steps': stage.steps, 'final_loss': last_loss,
+               'tokens_seen': tokens_seen, 'wall_s': time.time() - t_stage,
+               'skipped_steps': int(jax.device_get(st.skipped_total)),
+               'seq_len': stage.seq_len, 'rope_theta': float(stage.model.lm.rope_theta),
+               'eval': {k: float(v) for k, v in eval_results.items()}}
+    final_meta = meta_of(stage.steps, complete=True)
+    final_meta['summary'] = summary
+    ck.save(stage.steps, st, final_meta, source.get_state())
+    ck.wait()
+  finally:
+    if profiling:
+      jax.profiler.stop_trace()
+    writer.close()
+    ck.close()
+  if jax.process_index() == 0:
+    report.stage_plot(stage_dir, stage.name)
+    report.stage_markdown(stage_dir, stage.name, summary)
+  return summary
