@@ -64,7 +64,8 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       tokenizer='',            # sentencepiece .model; '' = the project tokenizer (trained once, cached)
       tokenizer_cache='',      # '' = $KIMI_VL_JAX_CACHE or ~/.cache/kimi_vl_jax
       workers=0,               # grain mp_prefetch worker processes (0 = in this process)
-      worker_buffer=4,         # examples buffered per worker
+      worker_buffer=4,         # examples buffered per worker (and per reader thread pool)
+      read_threads=2,          # threads per process that build examples (grain ReadOptions)
       max_patches_per_row=1024,  # patch slots per packed row (0 = text only)
       in_token_limit=1024,     # image processor's patch limit per image (released: 4096)
       max_images_per_example=64,

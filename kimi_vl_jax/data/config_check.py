@@ -13,7 +13,7 @@ def check_data(cfg):
   v._one_of(cfg, 'data.split', ('train', 'eval'))               # pylint: disable=protected-access
   for k in ('workers', 'worker_buffer', 'max_patches_per_row', 'examples_per_step', 'seed'):
     v._positive_int(cfg, f'data.{k}', allow_zero=True)          # pylint: disable=protected-access
-  for k in ('in_token_limit', 'max_images_per_example', 'pack_lookahead'):
+  for k in ('in_token_limit', 'max_images_per_example', 'pack_lookahead', 'read_threads'):
     v._positive_int(cfg, f'data.{k}')                           # pylint: disable=protected-access
   if d.max_patches_per_row % 4:
     v._fail('data.max_patches_per_row',                         # pylint: disable=protected-access

@@ -218,7 +218,10 @@ def build_dataset(config, *, stage: Optional[str] = None, stage_steps: int = 0,
                                       max_patches=d.max_patches_per_row)
   stream = ExampleStream(sources, mixture, tokenizer, image_cfg, limits, d.seed, p,
                          d.examples_per_step or rows, d.strict)
-  ds = grain.MapDataset.source(stream).to_iter_dataset()
+  # Bounded read-ahead: grain's default (500 examples per process) would hide the real rate and
+  # hold hundreds of decoded images in memory.
+  ds = grain.MapDataset.source(stream).to_iter_dataset(grain.ReadOptions(
+      num_threads=d.read_threads, prefetch_buffer_size=d.worker_buffer))
   workers = d.workers if workers is None else workers
   if workers > 0:
     from absl import flags
