@@ -233,10 +233,23 @@ def _check_metrics(cfg):
 _EXTRA_CHECKS: list[Callable] = []
 
 
+# The modules whose import registers those checks. validate() imports them itself, so a
+# check never depends on what the caller happened to import first (a test, a tool, main).
+# A subsystem that adds a ``@register_check`` module lists it here.
+CHECK_MODULES = ('kimi_vl_jax.data.config_check', 'kimi_vl_jax.train.stages')
+
+
 def register_check(fn: Callable) -> Callable:
   """Decorator: ``fn(config)`` raises ConfigError for mistakes in its own block."""
-  _EXTRA_CHECKS.append(fn)
+  if fn not in _EXTRA_CHECKS:
+    _EXTRA_CHECKS.append(fn)
   return fn
+
+
+def _import_check_modules():
+  import importlib
+  for name in CHECK_MODULES:
+    importlib.import_module(name)
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = None,
@@ -248,6 +261,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     num_devices: if given, mesh sizes and batch divisibility are checked against it.
     schema: the key schema (default: ``base.base_config()``).
   """
+  _import_check_modules()
   schema = schema if schema is not None else base.base_config()
   _check_keys(config, schema, '')
   _check_lm(config)
