@@ -51,7 +51,8 @@ def run(argv) -> int:
     os.makedirs(_WORKDIR.value, exist_ok=True)
   if _MODE.value == 'describe':
     from kimi_vl_jax.describe import describe
-    describe(config)
+    # Every process builds the same description; one copy in the logs is enough.
+    describe(config, print_fn=print if jax.process_index() == 0 else lambda *_: None)
     return 0
   from kimi_vl_jax.train import run_experiment  # the trainer issue provides this
   try:
