@@ -65,3 +65,4 @@ for (( finished = 0; finished < num_processes; finished++ )); do
     exit "$status"
   fi
 done
+pids=()  # all exited: nothing left for the EXIT trap to stop

@@ -103,6 +103,15 @@ def test_slurm_inside_allocation_dry_run(per, tasks):
       'python -m kimi_vl_jax.main --config=experiments/demo.py']
 
 
+def test_slurm_inside_allocation_defaults_to_the_allocation():
+  """`sbatch --nodes=3 launch/slurm_gpu.sbatch -- ...` (no script options) fills the allocation."""
+  env = _env(SLURM_JOB_ID='9', SLURM_SUBMIT_DIR=REPO, SLURM_JOB_NUM_NODES='3',
+             SLURM_GPUS_ON_NODE='2')
+  assert _dry('slurm_gpu.sbatch', '--', '--config=experiments/demo.py', env=env) == [
+      'srun --kill-on-bad-exit=1 --nodes=3 --ntasks-per-node=2 env KVJ_SLURM_MODE=gpu '
+      'python -m kimi_vl_jax.main --config=experiments/demo.py']
+
+
 def test_slurm_header_requests_gpus():
   with open(os.path.join(LAUNCH, 'slurm_gpu.sbatch')) as f:
     header = [l for l in f if l.startswith('#SBATCH')]
