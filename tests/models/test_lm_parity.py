@@ -111,7 +111,7 @@ def test_round_trip_state_dict_loads_in_torch(torch_model, ours):
     sd = hf_lm.hf_from_params(jax.device_get(variables), cfg, packed_experts=packed)
     if packed:
       fresh = transformers.DeepseekV3ForCausalLM(_hf_config()).eval()
-      missing, unexpected = fresh.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()},
+      missing, unexpected = fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
                                                   strict=True)
       assert not missing and not unexpected
       np.testing.assert_allclose(_torch_logits(fresh, tokens), _torch_logits(torch_model, tokens),

@@ -139,3 +139,27 @@ def test_bad_inputs_and_auto():
   assert resolve_backend('auto') in ('xla', 'cudnn', 'splash')
   if jax.default_backend() == 'cpu':
     assert resolve_backend('auto') == 'xla'
+
+
+def test_splash_interpret_matches_naive():
+  # The TPU splash kernel run in Pallas interpret mode on CPU: packed segments + padding tail.
+  from kimi_vl_jax.ops.attention import _splash
+  s = 256
+  q, k, v = _inputs(7, 1, s, 2, 128, 128)
+  seg, _ = _packed([[100, 120]], s)
+  ref = attention(q, k, v, seg, causal=True, backend='naive')
+  out = _splash(q, k, v, seg, seg, True, 128 ** -0.5, 128, interpret=True)
+  valid = np.asarray(seg) > 0
+  np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
+def test_cudnn_matches_naive_on_gpu():
+  s = 128
+  q, k, v = _inputs(8, 2, s, 4, 64, 32)
+  seg, pos = _packed([[50, 60], [128]], s)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  kw = dict(causal=True, positions_q_bs=pos, positions_kv_bs=pos)
+  ref = attention(q, k, v, seg, backend='naive', **kw).astype(jnp.float32)
+  out = attention(q, k, v, seg, backend='cudnn', **kw).astype(jnp.float32)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=3e-2, rtol=3e-2)

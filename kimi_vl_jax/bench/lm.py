@@ -1,0 +1,262 @@
+"""MoE-LM benchmark (issue 3): JAX vs transformers' torch DeepseekV3 train step, MFU, MoE scaling,
+attention memory.
+
+``python -m kimi_vl_jax.bench.lm`` on the ``bench`` preset (vocab 8192, hidden 256, 4 layers of which
+1 dense, 64 experts top-6, batch 4 x 512, fp32, AdamW) measures in one run:
+
+1. JAX train step tokens/s (loss = next-token cross-entropy, grads, optax.adamw update; jitted,
+   params/opt state donated) and the same step in ``transformers.DeepseekV3ForCausalLM`` (same
+   dims, torch.set_num_threads(cores), torch.optim.AdamW); their ratio.
+2. MFU: model FLOPs per step / step time / a matmul peak measured here (best fp32 [N,N]@[N,N]
+   jitted matmul). Model FLOPs = 6 * N_active * tokens (N_active: active matmul parameters, i.e.
+   attention, dense MLP, shared experts, top-k routed experts, router, lm_head; not the embedding
+   lookup) + attention score/value FLOPs 3 * 2 * B * H * S^2 * (d_qk + d_v) / 2 (causal half).
+3. One MoE layer (fwd+bwd) with 64 vs 8 routed experts at the same top-k and expert width.
+4. Compiled peak memory (arguments + outputs + temporaries, from ``memory_analysis``) of the xla
+   attention backend's forward+backward at S = 16384 vs 8192.
+
+The last line is one JSON object with every headline number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import FrozenConfigDict
+
+from kimi_vl_jax.config.presets import get_preset
+from kimi_vl_jax.models.lm import MoeLM
+
+
+def _median_time(fn, steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _batch(cfg, batch: int, seq: int, seed: int = 0):
+  tokens = np.random.RandomState(seed).randint(0, cfg.vocab_size, size=(batch, seq + 1))
+  return tokens.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------- jax
+
+
+def jax_train_step_time(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
+  """Median seconds of one jitted train step (fwd + bwd + AdamW) of MoeLM."""
+  model = MoeLM(FrozenConfigDict(cfg))
+  data = _batch(cfg, batch, seq)
+  inputs, labels = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
+  seg = jnp.ones_like(inputs)
+  pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), inputs.shape)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), inputs, seg, pos)
+  import flax.linen as nn
+  variables = nn.unbox(variables)
+  params, router = variables['params'], variables['router']
+  tx = optax.adamw(1e-3, weight_decay=0.01)
+  opt_state = tx.init(params)
+
+  def step(params, opt_state, router, inputs, labels):
+    def loss_fn(p):
+      logits, aux = model.apply({'params': p, 'router': router}, inputs, seg, pos)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), aux
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = {'p': params, 'o': opt_state}
+
+  def run():
+    state['p'], state['o'], loss = step(state['p'], state['o'], router, inputs, labels)
+    loss.block_until_ready()
+
+  return _median_time(run, steps, warmup)
+
+
+def active_matmul_params(cfg) -> float:
+  """Parameters that take part in a matmul per token (active experts only; no embedding lookup)."""
+  d, h = cfg.hidden_size, cfg.num_attention_heads
+  dqk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+  if cfg.q_lora_rank:
+    q = d * cfg.q_lora_rank + cfg.q_lora_rank * h * dqk
+  else:
+    q = d * h * dqk
+  attn = (q + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+          + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+          + h * cfg.v_head_dim * d)
+  n_dense = min(cfg.first_k_dense_replace, cfg.num_hidden_layers)
+  n_moe = cfg.num_hidden_layers - n_dense
+  dense_mlp = 3 * d * cfg.intermediate_size
+  moe_mlp = (3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+             + d * cfg.n_routed_experts)
+  return float(cfg.num_hidden_layers * attn + n_dense * dense_mlp + n_moe * moe_mlp
+               + d * cfg.vocab_size)
+
+
+def train_flops(cfg, batch: int, seq: int) -> float:
+  """FLOPs of one train step: 6 N_active T + causal attention (fwd + 2x bwd)."""
+  tokens = batch * seq
+  dqk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+  attn_fwd = 2 * batch * cfg.num_attention_heads * seq * seq * (dqk + cfg.v_head_dim) / 2
+  return 6 * active_matmul_params(cfg) * tokens + 3 * attn_fwd * cfg.num_hidden_layers
+
+
+def matmul_peak_flops(n: int = 1024, steps: int = 10) -> float:
+  """Best fp32 FLOP/s of a jitted [n, n] @ [n, n] on this host."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+# ----------------------------------------------------------------------------------- torch
+
+
+def torch_train_step_time(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
+  """Median seconds of one transformers DeepseekV3ForCausalLM train step (AdamW), same dims."""
+  import torch
+  import transformers
+  from kimi_vl_jax.convert.hf_lm import hf_config_from_lm
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  hf_cfg = transformers.DeepseekV3Config(**hf_config_from_lm(cfg))
+  model = transformers.DeepseekV3ForCausalLM(hf_cfg).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+  data = torch.as_tensor(_batch(cfg, batch, seq), dtype=torch.long)
+  inputs, labels = data[:, :-1], data[:, 1:]
+
+  def run():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             labels.reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  return _median_time(run, steps, warmup)
+
+
+# ------------------------------------------------------------------------------- moe layer
+
+
+def moe_layer_time(cfg, experts: int, batch: int, seq: int, steps: int, warmup: int) -> float:
+  """Median seconds of fwd+bwd of one MoEBlock with ``experts`` routed experts."""
+  from kimi_vl_jax.models.moe import MoEBlock
+  import flax.linen as nn
+  c = cfg.copy_and_resolve_references()
+  c.n_routed_experts = experts
+  c.n_group, c.topk_group = 1, 1
+  block = MoEBlock(FrozenConfigDict(c))
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, seq, c.hidden_size), jnp.float32)
+  seg = jnp.ones((batch, seq), jnp.int32)
+  variables = nn.unbox(jax.jit(block.init)(jax.random.PRNGKey(1), x, seg))
+
+  @jax.jit
+  def fwd_bwd(params, x):
+    def loss(p, x):
+      y, _ = block.apply({'params': p, 'router': variables['router']}, x, seg)
+      return jnp.sum(y * y)
+    return jax.grad(loss, argnums=(0, 1))(params, x)
+
+  run = lambda: jax.block_until_ready(fwd_bwd(variables['params'], x))  # noqa: E731
+  return _median_time(run, steps, warmup)
+
+
+# ------------------------------------------------------------------------------- attention
+
+
+def attention_peak_bytes(cfg, seq: int, batch: int = 1) -> int:
+  """Compiled peak bytes (args + outputs + temps) of xla attention fwd+bwd at length ``seq``."""
+  from kimi_vl_jax.ops.attention import attention
+  h = cfg.num_attention_heads
+  dqk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+  q = jax.ShapeDtypeStruct((batch, seq, h, dqk), jnp.float32)
+  v = jax.ShapeDtypeStruct((batch, seq, h, cfg.v_head_dim), jnp.float32)
+  seg = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+
+  def loss(q, k, v, seg):
+    o = attention(q, k, v, seg, causal=True, backend='xla', block_size=cfg.attention_block_size)
+    return jnp.sum(o * o)
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, q, v, seg).compile()
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--preset', default='bench')
+  parser.add_argument('--batch', type=int, default=4)
+  parser.add_argument('--seq', type=int, default=512)
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--skip_torch', action='store_true')
+  args = parser.parse_args(argv)
+
+  cfg = get_preset(args.preset).lm
+  cfg.dtype = cfg.param_dtype = 'float32'
+  cfg.attention_backend = 'xla'
+  tokens = args.batch * args.seq
+  print(f'backend={jax.default_backend()} devices={jax.device_count()} cores={os.cpu_count()} '
+        f'preset={args.preset} batch={args.batch}x{args.seq} moe_backend={cfg.moe_backend}')
+
+  peak = matmul_peak_flops()
+  print(f'matmul peak (fp32, 1024^3, best of 10): {peak / 1e9:.1f} GFLOP/s')
+
+  t_jax = jax_train_step_time(cfg, args.batch, args.seq, args.steps, args.warmup)
+  flops = train_flops(cfg, args.batch, args.seq)
+  mfu = flops / t_jax / peak
+  print(f'JAX   train step: {t_jax * 1e3:8.1f} ms  {tokens / t_jax:9.0f} tokens/s  '
+        f'{flops / t_jax / 1e9:.1f} GFLOP/s  MFU {100 * mfu:.1f}% '
+        f'(N_active matmul params {active_matmul_params(cfg) / 1e6:.2f}M, {flops / 1e9:.1f} GFLOP/step)')
+
+  t_torch = float('nan')
+  if not args.skip_torch:
+    t_torch = torch_train_step_time(cfg, args.batch, args.seq, args.steps, args.warmup)
+    print(f'torch train step: {t_torch * 1e3:8.1f} ms  {tokens / t_torch:9.0f} tokens/s')
+  speedup = t_torch / t_jax
+  print(f'speedup JAX vs torch: {speedup:.2f}x (target >= 2x); MFU {100 * mfu:.1f}% (target >= 50%)')
+
+  t64 = moe_layer_time(cfg, 64, args.batch, args.seq, args.steps, args.warmup)
+  t8 = moe_layer_time(cfg, 8, args.batch, args.seq, args.steps, args.warmup)
+  print(f'MoE layer fwd+bwd: 64 experts {t64 * 1e3:.1f} ms, 8 experts {t8 * 1e3:.1f} ms, '
+        f'ratio {t64 / t8:.2f} (target <= 1.5)')
+
+  m8 = attention_peak_bytes(cfg, 8192)
+  m16 = attention_peak_bytes(cfg, 16384)
+  print(f'xla attention fwd+bwd peak memory: S=8192 {m8 / 2**20:.1f} MiB, S=16384 '
+        f'{m16 / 2**20:.1f} MiB, ratio {m16 / m8:.2f} (target <= 2.5)')
+
+  result = {'jax_tokens_per_s': tokens / t_jax, 'torch_tokens_per_s': tokens / t_torch,
+            'speedup_vs_torch': speedup, 'mfu': mfu, 'matmul_peak_gflops': peak / 1e9,
+            'moe_time_ratio_64_vs_8': t64 / t8,
+            'attn_peak_mem_ratio_16k_vs_8k': m16 / m8}
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == '__main__':
+  main()
