@@ -100,8 +100,8 @@ def initialize(env: Optional[Mapping[str, str]] = None,
   """
   env = os.environ if env is None else env
   spec = detect(env)
-  if spec.kind == 'single':
-    return spec
+  if spec.kind == 'single' or jax.distributed.is_initialized():
+    return spec  # one host, or already done (a second call is harmless, not an error)
   if initialization_timeout_s is None:
     initialization_timeout_s = _env_seconds(env, 'KVJ_INIT_TIMEOUT_S', 300)
   if heartbeat_timeout_s is None:

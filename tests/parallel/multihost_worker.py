@@ -28,6 +28,7 @@ FEATURES = 3
 
 def main(scenario: str) -> int:
   spec = distributed.initialize()
+  assert distributed.initialize() == spec  # idempotent
   import jax
   import jax.numpy as jnp
   import ml_collections
