@@ -1,6 +1,6 @@
 """Data-pipeline benchmark: pipeline throughput next to the train step's consumption rate.
 
-``python -m kimi_vl_jax.bench.data`` (small preset, its mix of generated datasets): the grain
+``python -m kimi_vl_jax.bench.data`` (small preset, the default mix of generated datasets): the grain
 pipeline with ``--workers`` spawned worker processes produces packed batches
 (``global_batch`` rows of ``seq_len`` tokens, ``data.max_patches_per_row`` patch slots); we time
 ``--batches`` batches after ``--warmup`` and count examples and real image patches (read-ahead
@@ -22,15 +22,13 @@ import time
 
 from absl import app, flags
 
-SMALL_MIX = ('text=generated:text@2#text;math=generated:math@1#text#qa;'
-             'shapes=generated:shapes@2;ocr=generated:ocr@2;charts=generated:charts@1')
-
 flags.DEFINE_integer('workers', 2, 'grain worker processes')
 flags.DEFINE_integer('batches', 24, 'timed pipeline batches (>> the few buffered examples)')
 flags.DEFINE_integer('warmup', 2, 'untimed pipeline batches (worker start-up)')
 flags.DEFINE_integer('train_steps', 4, 'timed train steps')
 flags.DEFINE_string('preset', 'small', 'model preset')
-flags.DEFINE_string('sources', SMALL_MIX, 'data.sources of the mix')
+flags.DEFINE_string('sources', '', 'data.sources of the mix (default: config.data.sources, the '
+                    'generated datasets)')
 flags.DEFINE_integer('seq_len', 0, 'tokens per row (0 = config default)')
 flags.DEFINE_integer('global_batch', 0, 'rows per batch (0 = config default)')
 FLAGS = flags.FLAGS
@@ -39,7 +37,8 @@ FLAGS = flags.FLAGS
 def _config():
   from kimi_vl_jax.config import base
   c = base.base_config(FLAGS.preset)
-  c.data.sources = FLAGS.sources
+  if FLAGS.sources:
+    c.data.sources = FLAGS.sources
   c.data.workers = FLAGS.workers
   if FLAGS.seq_len:
     c.train.seq_len = FLAGS.seq_len

@@ -58,7 +58,12 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
 
   # Data pipeline (kimi_vl_jax/data/): sources, tokenizer, packing, workers.
   c.data = ml_collections.ConfigDict(dict(
-      sources='',              # 'name=format:path@weight#tag;...' (data/mixture.py); tags text|mm|long|qa
+      # 'name=format:path@weight#tag;...' (data/mixture.py); tags text|mm|long|qa. Default: the
+      # embedded generated datasets (no downloads).
+      sources=('shapes=generated:shapes@2;ocr=generated:ocr@2;charts=generated:charts@1;'
+               'gui=generated:gui@1;video=generated:video@1;interleaved=generated:interleaved@1;'
+               'needle=generated:needle@1#text#long;math=generated:math@1#text#qa;'
+               'text=generated:text@2#text'),
       split='train',           # split of generated sources
       seed=0,                  # example i of process p is a pure function of (seed, p, i)
       tokenizer='',            # sentencepiece .model; '' = the project tokenizer (trained once, cached)

@@ -144,7 +144,7 @@ class Mixture:
 def mix_report(names: Sequence[str], examples: Sequence[int], tokens: Sequence[int],
                weights: Sequence[float]) -> dict:
   """Realized mix per source: example and token shares next to the configured weight."""
-  ex_total, tok_total = max(1, sum(examples)), max(1, sum(tokens))
+  ex_total, tok_total = float(max(1, int(sum(examples)))), float(max(1, int(sum(tokens))))
   return {n: {'weight': round(float(w), 4), 'examples': int(e),
               'example_share': round(float(e) / ex_total, 4),
               'token_share': round(float(t) / tok_total, 4)}
