@@ -89,6 +89,11 @@ def main(scenario: str) -> int:
       x2_local_shard_shapes=[list(s.data.shape) for s in x2.addressable_shards],
       matmul_local_shards_ok=bool(local_ok), matmul_num_local_shards=len(y.addressable_shards),
       matmul_col_sum=col_sum.tolist(), expected_col_sum=expected_y.sum(0).tolist())
+  # One metrics interface on every process; only process 0 writes (KVJ_TEST_WORKDIR is shared).
+  from kimi_vl_jax.metrics.writer import MetricsWriter
+  with MetricsWriter(os.environ['KVJ_TEST_WORKDIR'], tensorboard=False, progress=False) as w:
+    result['metrics_writer_enabled'] = w.enabled
+    w.write(1, {'global_sum': total, 'process': pid})
   print('RESULT ' + json.dumps(result), flush=True)
   return 0
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kimi_vl_jax.metrics.writer import read_jsonl
 from kimi_vl_jax.parallel import distributed
 from kimi_vl_jax.parallel.distributed import DistributedSpec, Watchdog, detect
 
@@ -126,8 +127,8 @@ def _kill_all(procs):
 
 
 @pytest.mark.slow
-def test_two_processes_build_a_4_device_mesh_and_agree():
-  procs = _launch('compute')
+def test_two_processes_build_a_4_device_mesh_and_agree(tmp_path):
+  procs = _launch('compute', dict(KVJ_TEST_WORKDIR=str(tmp_path)))
   try:
     results = []
     for p in procs:
@@ -151,6 +152,9 @@ def test_two_processes_build_a_4_device_mesh_and_agree():
     assert r['x2_local_shard_shapes'] == [[2, 3], [2, 3]]
     assert r['matmul_local_shards_ok'] and r['matmul_num_local_shards'] == 2
     assert r['matmul_col_sum'] == pytest.approx(r['expected_col_sum'], rel=1e-5)
+    assert r['metrics_writer_enabled'] == (pid == 0)
+  records = read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert len(records) == 1 and records[0]['process'] == 0  # one log per job, not per host
 
 
 HEARTBEAT_S = 10
