@@ -39,10 +39,14 @@ def newton_schulz(x_nab: jax.Array, steps: int = 5, dtype=jnp.float32,
   x = x.astype(dtype)
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
   x = (x.astype(jnp.float32) / (norm + eps)).astype(dtype)
-  for _ in range(steps):
+
+  def step(_, x):
     s = jnp.einsum('nab,ncb->nac', x, x)
     poly = b * s + c * jnp.einsum('nab,nbc->nac', s, s)
-    x = a * x + jnp.einsum('nab,nbc->nac', poly, x)
+    return a * x + jnp.einsum('nab,nbc->nac', poly, x)
+
+  # A loop, not 5 unrolled copies: one Muon leaf's HLO stays small (compile time).
+  x = jax.lax.fori_loop(0, steps, step, x)
   x = x.astype(jnp.float32)
   return jnp.swapaxes(x, -1, -2) if tall else x
 
