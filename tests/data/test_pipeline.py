@@ -10,7 +10,8 @@ import importlib
 
 import pytest
 
-from kimi_vl_jax.data import pipeline
+from kimi_vl_jax.config import base
+from kimi_vl_jax.data import config_check, pipeline
 from kimi_vl_jax.data.sources import DataError
 
 validate = importlib.import_module('kimi_vl_jax.config.validate')
@@ -30,7 +31,7 @@ def _eq(a, b):
 
 def test_batches_and_exact_resume(tok, tmp_path):
   cfg = small_config(write_dataset(str(tmp_path)))
-  validate.validate(cfg)
+  config_check.check_data(cfg)
   it = iter(_build(tok, cfg))
   first = [next(it) for _ in range(6)]
   b = first[0]
@@ -89,14 +90,17 @@ def test_bad_records_in_the_stream(tok, tmp_path):
 
 
 def test_config_checks():
+  assert config_check.check_data in validate._EXTRA_CHECKS   # validate() runs it
+  config_check.check_data(small_config('a=text:x.txt'))
+  config_check.check_data(base.base_config('small'))          # the default generated mix
   cfg = small_config('a=text:x.txt', overflow='wrap')
   with pytest.raises(validate.ConfigError, match='config.data.overflow'):
-    validate.validate(cfg)
+    config_check.check_data(cfg)
   cfg = small_config('a=text:x.txt', max_patches_per_row=30)
   with pytest.raises(validate.ConfigError, match='config.data.max_patches_per_row'):
-    validate.validate(cfg)
+    config_check.check_data(cfg)
   with pytest.raises(validate.ConfigError, match='config.data.sources'):
-    validate.validate(small_config('a=bogus:x'))
+    config_check.check_data(small_config('a=bogus:x'))
 
 
 @pytest.mark.slow
