@@ -76,7 +76,7 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       max_images_per_example=64,
       overflow='truncate',     # examples longer than seq_len: truncate | drop
       pack_lookahead=8,        # a batch is emitted once this many examples wait for room
-      examples_per_step=0,     # schedule clock: stream examples per step (0 = rows per process)
+      examples_per_step=0,     # schedule clock: stream examples per step (0 = estimated from data)
       qa_share_cap=-1.0,       # cap on the share of 'qa' sources (cooldown: 0.1); < 0 = off
       strict=False,            # the first bad record raises (naming file:line) instead of skipping
   ))

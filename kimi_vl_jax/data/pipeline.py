@@ -175,6 +175,23 @@ class PackedIterator(grain.DatasetIterator):
             'patch_efficiency': round(st_.patches / max(1, st_.patch_slots), 4)}
 
 
+def estimate_examples_per_step(probe: ExampleStream, rows: int, seq_len: int,
+                               num_probe: int = 64, packing_efficiency: float = 0.95) -> int:
+  """The schedule clock's examples per step: rows x S / mean example length (capped at S).
+
+  Measured on the first ``num_probe`` examples of ``probe`` (a stream at the stage's final
+  weights), so it is deterministic in (data, config) and a resumed run gets the same clock.
+  """
+  lengths = []
+  for i in range(num_probe):
+    ex = probe[i]
+    if isinstance(ex, examples_lib.Example):
+      lengths.append(min(ex.num_tokens, seq_len))
+  if not lengths:
+    return rows
+  return max(1, round(rows * seq_len * packing_efficiency / float(np.mean(lengths))))
+
+
 def _process_info(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
   if process_index is None or process_count is None:
     import jax
@@ -216,8 +233,10 @@ def build_dataset(config, *, stage: Optional[str] = None, stage_steps: int = 0,
   image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision, d.in_token_limit)
   limits = examples_lib.ExampleLimits(max_images=d.max_images_per_example,
                                       max_patches=d.max_patches_per_row)
-  stream = ExampleStream(sources, mixture, tokenizer, image_cfg, limits, d.seed, p,
-                         d.examples_per_step or rows, d.strict)
+  eps = d.examples_per_step or estimate_examples_per_step(
+      ExampleStream(sources, dataclasses.replace(mixture, stage_steps=0, text_only_fraction=0.0),
+                    tokenizer, image_cfg, limits, d.seed, p, rows), rows, seq_len)
+  stream = ExampleStream(sources, mixture, tokenizer, image_cfg, limits, d.seed, p, eps, d.strict)
   # Bounded read-ahead: grain's default (500 examples per process) would hide the real rate and
   # hold hundreds of decoded images in memory.
   ds = grain.MapDataset.source(stream).to_iter_dataset(grain.ReadOptions(

@@ -140,3 +140,17 @@ def test_generated_sources_and_unexpected_errors_name_the_record(tok, tmp_path):
   with pytest.raises(RuntimeError, match=r'shapes\[\d+\] \(stream example \d+\)'):
     for _ in range(4):
       next(iter(ds))
+
+
+def test_schedule_clock_estimate(tok, tmp_path):
+  cfg = small_config(write_dataset(str(tmp_path)))
+  ds = _build(tok, cfg)
+  eps = ds.stream.examples_per_step
+  # 4 rows of 128 tokens hold several of these short examples; the estimate says how many.
+  assert 4 < eps < 4 * 128 // 10
+  it = iter(ds)
+  batches = [next(it) for _ in range(20)]
+  real = sum(int(((b['positions'] == 0) & (b['segment_ids'] > 0)).sum()) for b in batches) / 20
+  assert abs(real - eps) / real < 0.35, (real, eps)
+  cfg.data.examples_per_step = 3
+  assert _build(tok, cfg).stream.examples_per_step == 3
