@@ -7,7 +7,6 @@ One ArrayRecord entry = ``MAGIC`` + 8-byte little-endian header length + UTF-8 J
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -46,14 +45,24 @@ def image_bytes(ref: Any) -> bytes:
 
 def encode_record(record: dict) -> bytes:
   """Common record -> one ArrayRecord entry (images read and embedded)."""
-  header = copy.deepcopy({k: v for k, v in record.items() if k in (
-      'kind', 'messages', 'items', 'source', 'origin')}, memo={id(it['image']): None
-                                                              for it in _image_items(record)})
   blobs = []
-  for it in _image_items(header):
-    it['image'] = {'blob': len(blobs)}
-  for it in _image_items(record):
-    blobs.append(image_bytes(it['image']))
+
+  def strip(items):
+    out = []
+    for it in items:
+      if it['type'] == 'image':
+        out.append({'type': 'image', 'image': {'blob': len(blobs)}})
+        blobs.append(image_bytes(it['image']))
+      else:
+        out.append({'type': 'text', 'text': it['text']})
+    return out
+
+  header = {k: record[k] for k in ('kind', 'source', 'origin') if k in record}
+  if record['kind'] == 'document':
+    header['items'] = strip(record['items'])
+  else:
+    header['messages'] = [{'role': m['role'], 'content': strip(m['content'])}
+                          for m in record['messages']]
   header['blob_sizes'] = [len(b) for b in blobs]
   head = json.dumps(header, ensure_ascii=False).encode('utf-8')
   return MAGIC + len(head).to_bytes(8, 'little') + head + b''.join(blobs)
