@@ -30,11 +30,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kimi_vl_jax.optim import muon as muon_math
 from kimi_vl_jax.optim import zero1
-from kimi_vl_jax.optim.routes import Route, route_params
+from kimi_vl_jax.optim.routes import ADAMW, ROUTES, Route, route_params
 from kimi_vl_jax.optim.schedule import make_schedule
 from kimi_vl_jax.parallel.sharding import fit_spec_to_shape, fitted_param_shardings
 
 GROUPS = ('muon', 'adamw')
+ADAMW_ONLY = (('.*', ADAMW),)   # the AdamW baseline: one route for everything
 _MASKED = optax.MaskedNode()
 
 
@@ -76,9 +77,9 @@ def _param_specs(params, mesh: Mesh, routes) -> list:
 
 
 def plan_optimizer(params, mesh: Optional[Mesh] = None,
-                   trainable: Optional[Sequence[str]] = None) -> Any:
+                   trainable: Optional[Sequence[str]] = None, routes_table=ROUTES) -> Any:
   """A params-shaped tree of ``zero1.LeafPlan`` (routes + shardings)."""
-  routes = route_params(params, trainable)
+  routes = route_params(params, trainable, routes_table)
   leaves_r, treedef = jax.tree.flatten(routes, is_leaf=lambda x: isinstance(x, Route))
   if mesh is None:
     plans = [zero1.LeafPlan(r, (), (), 'none') for r in leaves_r]
@@ -109,14 +110,8 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
   if trainable is None:
     trainable = optim_cfg.get('trainable', None) or None
   schedule = make_schedule(optim_cfg, total_steps)
-  plan = plan_optimizer(params, mesh, trainable)
-  if optim_cfg.name == 'adamw':
-    plan = jax.tree.map(
-        lambda p: p if p.route.treatment != 'muon' else zero1.plan_adam(
-            Route(p.route.path, p.route.shape, 'adamw', logical=p.route.logical), p.pp, mesh)
-        if mesh is not None else zero1.LeafPlan(
-            Route(p.route.path, p.route.shape, 'adamw', logical=p.route.logical), (), (), 'none'),
-        plan, is_leaf=_is_plan)
+  plan = plan_optimizer(params, mesh, trainable,
+                        ADAMW_ONLY if optim_cfg.name == 'adamw' else ROUTES)
   plans, treedef = jax.tree.flatten(plan, is_leaf=_is_plan)
   mom, wd = float(optim_cfg.momentum), float(optim_cfg.weight_decay)
   b1, b2, eps = float(optim_cfg.b1), float(optim_cfg.b2), float(optim_cfg.eps)
