@@ -72,7 +72,7 @@ def _local_ffn(x_btd, idx_btk, w_btk, w_gate, w_up, w_down, *, num_experts, ep, 
   ones_r1 = jnp.ones((recv_e.shape[0], 1), jnp.float32)
   y_rd, local_dropped = moe_dispatch.expert_ffn(
       recv_rd, recv_e[:, None], ones_r1, w_gate, w_up, w_down, backend=backend,
-      capacity_factor=0.0, dtype=dtype)
+      capacity_factor=0.0, dtype=dtype, expected_load=a / e_local)
   back_rd = jax.lax.all_to_all(y_rd.astype(dtype), EXPERT_AXIS, 0, 0, tiled=True)
 
   y_ad = moe_dispatch.gather_rows(back_rd, plan.slot_a, plan.assign_r[:, None])

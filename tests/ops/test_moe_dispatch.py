@@ -28,10 +28,10 @@ def _problem(seed=0, skew=False):
   return x_td, idx_tk, w_tk, weights
 
 
-def _value_and_grads(backend, cf, x_td, idx_tk, w_tk, weights, block=4):
+def _value_and_grads(backend, cf, x_td, idx_tk, w_tk, weights, block=4, expected_load=None):
   def loss(x, w, wg, wu, wd):
     y, dropped = md.expert_ffn(x, idx_tk, w, wg, wu, wd, backend=backend, capacity_factor=cf,
-                               block=block)
+                               block=block, expected_load=expected_load)
     return jnp.sum(y * jnp.sin(y)), (y, dropped)
   (_, (y, dropped)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4),
                                                         has_aux=True))(x_td, w_tk, *weights)
@@ -58,9 +58,12 @@ def test_backends_match_dense_forward_and_grads(skew):
   y_ref = _numpy_reference(x_td, idx_tk, w_tk, weights)
   y_dense, _, g_dense = _value_and_grads('dense', 0.0, x_td, idx_tk, w_tk, weights)
   np.testing.assert_allclose(y_dense, y_ref, atol=1e-4, rtol=1e-4)
-  # capacity 0 = dropless blocks; capacity factor E (C = T * K) also never drops.
-  for backend, cf in [('ragged', 0.0), ('capacity', 0.0), ('capacity', float(E))]:
-    y, dropped, grads = _value_and_grads(backend, cf, x_td, idx_tk, w_tk, weights)
+  # capacity 0 = dropless (a ladder rung, or the block layout when the expected load is set so
+  # low that no rung fits); capacity factor E (C = T * K) also never drops.
+  for backend, cf, load in [('ragged', 0.0, None), ('capacity', 0.0, None),
+                            ('capacity', 0.0, 2.0), ('capacity', float(E), None)]:
+    y, dropped, grads = _value_and_grads(backend, cf, x_td, idx_tk, w_tk, weights,
+                                         expected_load=load)
     assert int(dropped) == 0, (backend, cf)
     np.testing.assert_allclose(y, y_dense, atol=1e-5, rtol=1e-5, err_msg=f'{backend} {cf}')
     for g, g_ref in zip(grads, g_dense):
@@ -95,11 +98,17 @@ def test_capacity_factor_threshold_for_no_drops():
     assert int(dropped) == 0
 
 
-def test_dropless_blocks_all_tokens_to_one_expert():
+@pytest.mark.parametrize('expected_load', [None, 2.0])
+def test_dropless_all_tokens_to_three_experts(expected_load):
+  # The busiest experts get every token: past every ladder rung but C = T (default), or past
+  # all rungs, so the block layout runs (expected_load 2 -> a single rung C = 8 < T).
+  assert md.dropless_capacities(T, 2.0) == (8,)
+  assert md.dropless_capacities(T, T * K / E)[-1] == T
   x_td, _, w_tk, weights = _problem()
   idx_tk = jnp.stack([jnp.full((T,), 5, jnp.int32), jnp.full((T,), 2, jnp.int32),
                       jnp.full((T,), 5 - 1, jnp.int32)], axis=1)
-  y, dropped, _ = _value_and_grads('capacity', 0.0, x_td, idx_tk, w_tk, weights, block=8)
+  y, dropped, _ = _value_and_grads('capacity', 0.0, x_td, idx_tk, w_tk, weights, block=8,
+                                   expected_load=expected_load)
   assert int(dropped) == 0
   np.testing.assert_allclose(y, _numpy_reference(x_td, idx_tk, w_tk, weights), atol=1e-4)
 
