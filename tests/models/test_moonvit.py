@@ -160,6 +160,10 @@ def test_init_annotates_every_param_with_logical_axes():
                                                                *dummy_inputs(vision_cfg)))
   leaves = jax.tree.leaves(variables['params'], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  from kimi_vl_jax.parallel.rules import LOGICAL_AXES
+  for leaf in leaves:   # every name is in the rules table, and none repeats within a tensor
+    named = [n for n in leaf.names if n is not None]
+    assert set(named) <= set(LOGICAL_AXES) and len(named) == len(set(named)), leaf.names
   stacked = variables['params']['blocks']['block']['wqkv']['kernel']
   assert stacked.names == ('layers', 'vision_embed', 'vision_heads')
   chex.assert_shape(stacked.value, (2, 32, 96))
