@@ -21,6 +21,7 @@ One run measures, side by side on the same devices:
    The budget is kept small for 2 CPU cores: short sequences (64 tokens) and 30 steps.
    One compile per optimizer and shape: the schedule's peak is 1 and the lr enters as an
    argument (every update is linear in lr, decoupled weight decay included).
+   ``--steps 0`` measures the step time only (e.g. at a larger ``--time_batch``).
 
 Training-loss curves (EMA over 5 steps) of every run go to ``--png``. The last line printed
 is one JSON object with ``muon_step_time_ratio_vs_adamw``, ``muon_final_loss``,
@@ -113,14 +114,14 @@ def main(argv=None) -> dict:
           jax.random.key(0))
   boxed = variables['params']
   params0, router0 = nn.unbox(boxed), nn.unbox(variables['router'])
-  train = text_batches('train', args.steps, args.batch, args.seq_len)
+  train = text_batches('train', max(args.steps, 1), args.batch, args.seq_len)
   held_out = text_batches('eval', EVAL_BATCHES, args.batch, args.seq_len)
   timing = text_batches('train', 1, args.time_batch, args.time_seq_len, start=10_000)[0]
   eval_fn = jax.jit(lambda p, r, t: next_token_loss(model, p, r, t)[0])
 
   steps_fns, opt_states = {}, {}
   for name in ('adamw', 'muon'):
-    tx = build_optimizer(optim_cfg(name, args.steps), boxed, total_steps=args.steps)
+    tx = build_optimizer(optim_cfg(name, args.steps), boxed, total_steps=max(args.steps, 2))
     chained, step = make_step(model, tx, clip=1.0, bias_rate=lm_cfg.router_bias_update_rate)
     steps_fns[name], opt_states[name] = step, chained.init(params0)
 
@@ -141,9 +142,9 @@ def main(argv=None) -> dict:
         f'adamw {step_s["adamw"] * 1e3:.0f} ms, muon {step_s["muon"] * 1e3:.0f} ms, '
         f'ratio {ratio:.3f}', flush=True)
 
-  # 2. Loss after a fixed budget, 3-point lr sweep per optimizer.
+  # 2. Loss after a fixed budget, 3-point lr sweep per optimizer (--steps 0: timing only).
   curves, final = {}, {}
-  for name in ('adamw', 'muon'):
+  for name in ('adamw', 'muon') if args.steps else ():
     for lr in lrs:
       params, router, opt_state = params0, router0, opt_states[name]
       losses = []
@@ -155,19 +156,20 @@ def main(argv=None) -> dict:
       curves[(name, lr)], final[(name, lr)] = losses, ev
       print(f'{name:5s} lr {lr:.0e}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}, '
             f'held-out loss {ev:.4f}', flush=True)
-  best = {n: min(lrs, key=lambda lr: final[(n, lr)]) for n in ('adamw', 'muon')}
-  _plot(curves, best, args.png)
+  best = {n: min(lrs, key=lambda lr: final[(n, lr)]) if final else None for n in ('adamw', 'muon')}
+  if final:
+    _plot(curves, best, args.png)
 
   result = {
       'muon_step_time_ratio_vs_adamw': round(ratio, 4),
-      'muon_final_loss': round(final[('muon', best['muon'])], 4),
-      'adamw_final_loss': round(final[('adamw', best['adamw'])], 4),
+      'muon_final_loss': round(final[('muon', best['muon'])], 4) if final else None,
+      'adamw_final_loss': round(final[('adamw', best['adamw'])], 4) if final else None,
       'muon_best_lr': best['muon'], 'adamw_best_lr': best['adamw'],
       'muon_step_ms': round(step_s['muon'] * 1e3, 1), 'adamw_step_ms': round(step_s['adamw'] * 1e3, 1),
       'time_tokens_per_step': args.time_batch * args.time_seq_len,
       'train_tokens_per_step': args.batch * args.seq_len, 'steps': args.steps,
       'sweep': {f'{n}@{lr:g}': round(v, 4) for (n, lr), v in final.items()},
-      'png': args.png, 'devices': f'{jax.device_count()}x{jax.devices()[0].platform}',
+      'png': args.png if final else None, 'devices': f'{jax.device_count()}x{jax.devices()[0].platform}',
       'wall_s': round(time.perf_counter() - t_start, 1),
   }
   print(json.dumps(result), flush=True)
