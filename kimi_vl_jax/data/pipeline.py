@@ -140,7 +140,8 @@ class PackedIterator(grain.DatasetIterator):
             'last_index': self.last_index,
             'source_examples': self.source_examples.tolist(),
             'source_tokens': self.source_tokens.tolist(),
-            'skips': self.skips.as_dict()}
+            'skips': self.skips.as_dict(),
+            'pack_stats': dataclasses.asdict(self.packer.stats)}
 
   def set_state(self, state: dict):
     self._parent.set_state(state['parent'])
@@ -159,6 +160,7 @@ class PackedIterator(grain.DatasetIterator):
     self.source_tokens = np.asarray(state['source_tokens'], np.int64)
     self.skips.counts.clear()
     self.skips.counts.update(state['skips'])
+    self.packer.stats = packing.PackStats(**state['pack_stats'])
 
   def report(self) -> dict:
     """Realized mix since the start (per source), skips by reason, packing efficiency."""

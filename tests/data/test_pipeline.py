@@ -47,6 +47,10 @@ def test_batches_and_exact_resume(tok, tmp_path):
   resumed.set_state(state)
   for want in first[2:]:
     _eq(next(resumed), want)
+  straight = iter(_build(tok, cfg))
+  for _ in range(6):
+    next(straight)
+  assert resumed.get_state() == straight.get_state()
   report = resumed.report()
   assert set(report['mix']) == {'docs', 'vqa'} and report['skipped'] == {}
   assert 0.3 < report['mix']['vqa']['example_share'] < 0.7
