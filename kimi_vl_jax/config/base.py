@@ -38,6 +38,7 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       image_max_side=224,        # vit_pretrain images: max side in pixels (stage image_sides override)
       caption_len=32,            # caption tokens per example in vit_pretrain
       eval_examples=32,          # held-out examples per eval set (train/evaluate.py)
+      init_from='',              # first stage starts from: HF Kimi-VL dir or converted Orbax dir
   ))
   c.stages = stages_schema()
 

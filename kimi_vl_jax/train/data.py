@@ -158,3 +158,53 @@ def make_source(config, stage, mesh=None):
   if stage.task == 'vit_pretrain':
     return CaptionSource(config, stage)
   return PipelineSource(config, stage, with_images=stage.task == 'kimi_vl')
+
+
+class Prefetcher:
+  """Builds the next batches on a background thread while the device runs the current step.
+
+  ``get_state()`` is the source state after the last batch handed out (not after the ones
+  waiting in the queue), so a checkpoint taken between steps resumes at the right batch.
+  """
+
+  def __init__(self, source, depth: int = 2):
+    import queue
+    import threading
+    self.source = source
+    self.tok = getattr(source, 'tok', None)
+    self.source_names = getattr(source, 'source_names', ())
+    self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    self._state = source.get_state()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  def _run(self):
+    try:
+      while not self._stop.is_set():
+        batch = self.source.next()
+        item = (batch, self.source.get_state(), None)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except Exception:  # queue.Full
+            continue
+    except BaseException as e:  # surfaced on the consumer's next call
+      self._queue.put((None, None, e))
+
+  def next(self) -> dict:
+    batch, state, error = self._queue.get()
+    if error is not None:
+      raise error
+    self._state = state
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def close(self):
+    self._stop.set()
+    while not self._queue.empty():
+      self._queue.get_nowait()
+    self._thread.join(timeout=5)

@@ -11,6 +11,7 @@ uninterrupted run would.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -111,7 +112,7 @@ def _prev_params(config, workdir: str, stage: stages_lib.Stage):
   """Host (params, extra) of the previous enabled stage's last checkpoint, or None if first."""
   prev = stages_lib.previous_stage(config, stage.name)
   if prev is None:
-    return None
+    return _init_from(config.train.init_from) if config.train.init_from else None
   ck = ckpt_lib.StageCheckpoints(workdir, prev)
   try:
     meta = ck.read_meta()
@@ -123,6 +124,20 @@ def _prev_params(config, workdir: str, stage: stages_lib.Stage):
   finally:
     ck.close()
   return tree['params'], tree.get('extra', {})
+
+
+def _init_from(path: str):
+  """(params, extra) of a Hugging Face Kimi-VL directory or a converted Orbax directory."""
+  from kimi_vl_jax.convert import hf
+  from kimi_vl_jax.convert.__main__ import load_orbax
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'config.train.init_from={path!r}: no such directory')
+  if os.path.exists(os.path.join(path, 'config.json')):
+    _, variables = hf.load_hf(path)
+  else:
+    _, variables, _ = load_orbax(path)
+  variables = dict(variables)
+  return variables.pop('params'), variables
 
 
 def _init_state(task, opt, sh, rng, prev):
@@ -140,18 +155,33 @@ def _init_state(task, opt, sh, rng, prev):
   return st.replace(params=params, extra=extra), copied
 
 
-def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factory, preempt,
-              evaluator=None) -> dict:
-  t = config.train
-  ck = ckpt_lib.StageCheckpoints(workdir, stage.name, keep=t.keep_checkpoints,
-                                 async_save=t.async_checkpoints)
-  meta = ck.read_meta()
-  if meta and meta.get('complete'):
-    logging.info('stage %s: complete at step %d; skipping', stage.name, meta['step'])
-    ck.close()
-    return meta.get('summary', {})
+class _LazyJit:
+  """``jit_train_step`` built on the first call, when the batch's structure is known."""
 
-  source = source_factory(config, stage, mesh)
+  def __init__(self, step_fn, shardings, mesh):
+    self.step_fn, self.shardings, self.mesh, self.fn = step_fn, shardings, mesh, None
+
+  def __call__(self, state, batch):
+    if self.fn is None:
+      self.fn = step_lib.jit_train_step(self.step_fn, self.shardings, batch, self.mesh)
+    return self.fn(state, batch)
+
+
+@dataclasses.dataclass
+class PreparedStage:
+  source: object
+  task: step_lib.Task
+  opt: object
+  shardings: state_lib.TrainState
+  rng: jax.Array
+  jitted: Callable
+  step_fn: Callable
+
+
+def prepare_stage(config, stage: stages_lib.Stage, mesh, source_factory=None) -> PreparedStage:
+  """Source, task, optimizer, state shardings and the jitted step of one stage (no state yet)."""
+  t = config.train
+  source = (source_factory or _default_source_factory)(config, stage, mesh)
   media_pad = source.tok.token_id(special_tokens.MEDIA_PAD)
   task = build_task(config, stage, getattr(source, 'source_names', ()), media_pad)
   rng = jax.random.PRNGKey(t.seed + 1000 * stage.index)
@@ -166,8 +196,26 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
                                  router_bias_rate=stage.router_bias_rate,
                                  param_cast_dtype=t.param_cast_dtype)
   step_fn = step_lib.make_train_step(task, opt, step_cfg, mask, getattr(opt, 'schedule', None))
+  jitted = _LazyJit(step_fn, sh, mesh)
+  return PreparedStage(source, task, opt, sh, rng, jitted, step_fn)
+
+
+def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factory, preempt,
+              evaluator=None) -> dict:
+  t = config.train
+  ck = ckpt_lib.StageCheckpoints(workdir, stage.name, keep=t.keep_checkpoints,
+                                 async_save=t.async_checkpoints)
+  meta = ck.read_meta()
+  if meta and meta.get('complete'):
+    logging.info('stage %s: complete at step %d; skipping', stage.name, meta['step'])
+    ck.close()
+    return meta.get('summary', {})
+
+  prep = prepare_stage(config, stage, mesh, source_factory)
+  source, task, opt, sh, rng, jitted = (prep.source, prep.task, prep.opt, prep.shardings,
+                                        prep.rng, prep.jitted)
   example = source.next()
-  jitted = step_lib.jit_train_step(step_fn, sh, example, mesh)
+  base_source = source
 
   start_step, tokens_seen, copied = 0, 0, []
   latest = ck.latest_step()
@@ -177,16 +225,22 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
       return state_lib.create_state(params, extra, opt, rng)
     target = state_lib.abstract_state(sh, make)
     st, meta, data_state = ck.restore(target)
+    # Re-materialize through XLA so the restored buffers are laid out exactly like a step's
+    # outputs (host-deserialized buffers can take different CPU kernel paths, off by ulps).
+    st = jax.jit(lambda s: jax.tree.map(lambda x: x + 0 if x.dtype != bool else x, s),
+                 out_shardings=sh)(st)
     start_step, tokens_seen = int(meta['step']), int(meta.get('tokens_seen', 0))
     if data_state is not None:
-      source.set_state(data_state)
-    example = source.next()
+      base_source.set_state(data_state)
+    example = base_source.next()
     logging.info('stage %s: resumed at step %d', stage.name, start_step)
   else:
     st, copied = _init_state(task, opt, sh, rng, _prev_params(config, workdir, stage))
     if copied:
       logging.info('stage %s: loaded %d tensors from the previous stage', stage.name, len(copied))
 
+  from kimi_vl_jax.train.data import Prefetcher
+  source = Prefetcher(base_source)
   stage_dir = os.path.join(workdir, stage.name)
   writer = MetricsWriter(stage_dir, total_steps=stage.steps, tensorboard=config.metrics.tensorboard,
                          progress=config.metrics.progress, prefix='')
@@ -279,6 +333,7 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
     ck.save(stage.steps, st, final_meta, source.get_state())
     ck.wait()
   finally:
+    source.close()
     if profiling:
       jax.profiler.stop_trace()
     writer.close()

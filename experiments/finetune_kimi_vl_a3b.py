@@ -1,0 +1,54 @@
+"""SFT of Kimi-VL-A3B from a converted Hugging Face checkpoint on your own chat JSONL.
+
+    python -m kimi_vl_jax.main --mode=train \\
+      --config=experiments/finetune_kimi_vl_a3b.py:/ckpt/Kimi-VL-A3B-Instruct,/data/chat/*.jsonl \\
+      --workdir=workdir/ft
+
+``arg`` = '<checkpoint dir>,<jsonl glob>'. The checkpoint is a Hugging Face Kimi-VL directory
+(config.json + safetensors) or the Orbax directory ``python -m kimi_vl_jax.convert`` wrote; the
+model dims come from the A3B preset, which matches the release (SPEC §2, §3). JSONL records (format ``messages``) are
+chat messages (``data/sources``: {'messages': [{'role', 'content'}]}, images by path); the loss
+covers only assistant answers and the ``<|im_end|>`` ending them. Two stages as in the report's
+SFT: 32K context at lr 2e-5 -> 2e-6, then 128K re-warmed to 1e-5 -> 1e-6 (budgets: one epoch of
+your data; set ``--config.stages.sft_1.tokens``).
+
+The released checkpoint's embeddings follow the released tokenizer (SPEC §7): point
+``--config.data.tokenizer`` at a tokenizer model with those ids.
+"""
+from kimi_vl_jax.config import base_config
+
+_MESH = dict(data=1, fsdp=-1, expert=8, tensor=1)
+
+
+def get_config(arg=None):
+  ckpt, _, data = (arg or ',').partition(',')
+  c = base_config('kimi_vl_a3b')
+  c.name = 'finetune_kimi_vl_a3b'
+  for axis, size in _MESH.items():
+    c.mesh[axis] = size
+  c.model.lm.dtype = 'bfloat16'
+  c.model.vision.dtype = 'bfloat16'
+  c.model.lm.remat_policy = 'save_dots'
+  c.model.vision.remat_policy = 'save_dots'
+  c.model.lm.rope_theta = 800000.0
+  c.train.init_from = ckpt
+  c.train.global_batch = 64
+  c.train.seq_len = 8192
+  c.train.loss_vocab_chunk = 16384
+  c.train.checkpoint_every = 200
+  c.data.sources = f'chat=messages:{data}@1#mm' if data else 'chat=generated:shapes@1#mm#qa'
+  c.data.max_patches_per_row = 16384
+  c.data.in_token_limit = 4096
+  for name in c.stages:
+    c.stages[name].enabled = name in ('sft_1', 'sft_2')
+  s = c.stages
+  s.sft_1.tokens = 2 * 10 ** 9
+  s.sft_1.seq_len_scale = 4
+  s.sft_1.global_batch = 16
+  s.sft_1.warmup_steps = 20
+  s.sft_1.mixture = ''
+  s.sft_2.tokens = 10 ** 9
+  s.sft_2.seq_len_scale = 16
+  s.sft_2.global_batch = 4
+  s.sft_2.warmup_steps = 20
+  return c

@@ -1,0 +1,129 @@
+"""Each stage's defining behaviour: long-context theta/context, the multimodal share schedule,
+SFT masks (user/system tokens are never targets), the LM frozen in alignment, ViT -> Kimi-VL by
+parameter path, stage validation."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from kimi_vl_jax.config import ConfigError, base_config, validate
+from kimi_vl_jax.data import special_tokens as st
+from kimi_vl_jax.train import losses, stages as stages_lib, tasks as tasks_lib
+
+
+def _config():
+  c = base_config('tiny')
+  c.train.global_batch = 8
+  c.train.seq_len = 128
+  c.data.sources = ('text=generated:text@1#text;shapes=generated:shapes@1#mm#qa;'
+                    'needle=generated:needle@0#text#long')
+  c.data.max_patches_per_row = 64
+  c.data.in_token_limit = 64
+  c.metrics.tensorboard = False
+  for name in c.stages:
+    c.stages[name].steps = 4
+  return c
+
+
+def test_long_context_raises_theta_and_context():
+  c = _config()
+  validate(c)
+  joint = stages_lib.resolve(c, 'joint_pretrain')
+  lc1 = stages_lib.resolve(c, 'long_context_1')
+  lc2 = stages_lib.resolve(c, 'long_context_2')
+  assert joint.model.lm.rope_theta == c.model.lm.rope_theta == 800000.0  # tiny keeps the release value
+  c.model.lm.rope_theta = 50000.0
+  joint = stages_lib.resolve(c, 'joint_pretrain')
+  lc1 = stages_lib.resolve(c, 'long_context_1')
+  assert joint.model.lm.rope_theta == 50000.0 and lc1.model.lm.rope_theta == 800000.0
+  assert (joint.seq_len, lc1.seq_len, lc2.seq_len) == (128, 4 * 128, 16 * 128)
+  assert c.model.lm.rope_theta == 50000.0   # resolving never mutates the experiment config
+  # The model the stage trains is built with the stage's theta.
+  task = tasks_lib.lm_task(lc1.model, c.train)
+  assert task.model.config.rope_theta == 800000.0
+  assert lc1.block.long_fraction == 0.25 and lc2.block.long_fraction == 0.25
+
+
+def test_multimodal_share_follows_schedule_in_stage_and_data_mixture():
+  from kimi_vl_jax.data import mixture as mixture_lib
+  c = _config()
+  b = c.stages.joint_pretrain
+  b.steps, b.text_only_fraction, b.multimodal_share_start, b.multimodal_share_end = 100, 0.2, 0.1, 0.5
+  stage = stages_lib.resolve(c, 'joint_pretrain')
+  shares = [stage.multimodal_share(s) for s in range(101)]
+  assert shares[:20] == [0.0] * 20
+  np.testing.assert_allclose([shares[20], shares[60], shares[100]], [0.1, 0.3, 0.5])
+  assert all(a <= b for a, b in zip(shares[20:], shares[21:]))
+  mix = mixture_lib.Mixture.for_stage(mixture_lib.parse_sources(c.data.sources), b, stage.steps)
+  mm = np.array(['mm' in s.tags for s in mix.sources])
+  for step in (0, 19, 20, 60, 100):
+    np.testing.assert_allclose(mix.weights(step)[mm].sum(), shares[step], atol=1e-9)
+
+
+def _roles(tokens, tok):
+  """Per token: the role whose turn it is in (by the last role token seen), '' outside turns."""
+  ids = {tok.token_id(st.ROLE_TOKENS[r]): r for r in st.ROLES}
+  out, role = [], ''
+  for t in tokens:
+    role = ids.get(int(t), role)
+    out.append(role)
+  return np.array(out)
+
+
+@pytest.mark.parametrize('loss_on', ['assistant', 'all'])
+def test_sft_loss_ignores_user_and_system_tokens(loss_on):
+  from kimi_vl_jax.train import data as data_lib
+  c = _config()
+  c.data.sources = 'shapes=generated:shapes@1#mm#qa;ocr=generated:ocr@1#mm#qa'
+  c.stages.sft_1.loss_on = loss_on
+  stage = stages_lib.resolve(c, 'sft_1')
+  src = data_lib.make_source(c, stage)
+  batch = src.next()
+  user_targets = 0
+  for row in range(batch['tokens'].shape[0]):
+    roles = _roles(batch['tokens'][row], src.tok)
+    mask = batch['loss_mask'][row]
+    assert mask[roles == 'assistant'].sum() > 0
+    user_targets += int(mask[(roles == 'user') | (roles == 'system')].sum())
+    _, weights = losses.shift_targets(batch['tokens'][row:row + 1], batch['loss_mask'][row:row + 1],
+                                      batch['segment_ids'][row:row + 1])
+    targets_roles = np.concatenate([roles[1:], ['']])
+    if loss_on == 'assistant':
+      assert np.asarray(weights)[0][targets_roles != 'assistant'].sum() == 0
+  if loss_on == 'assistant':
+    assert user_targets == 0
+  else:
+    assert user_targets > 0   # pretraining masks are wider: the check above can fail
+
+
+def test_vit_pretrain_params_load_into_kimi_vl_by_path():
+  c = base_config('tiny')
+  vit = tasks_lib.vit_pretrain_task(c.model)
+  kvl = tasks_lib.kimi_vl_task(c.model, c.train, media_pad_id=3)
+  src = nn.unbox(jax.eval_shape(vit.init, jax.random.PRNGKey(0)))['params']
+  dst = nn.unbox(jax.eval_shape(kvl.init, jax.random.PRNGKey(0)))['params']
+  src = jax.tree.map(lambda s: np.full(s.shape, 7.0, s.dtype), src)
+  dst = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dst)
+  new, copied = stages_lib.transfer_params(src, dst)
+  n_vision = len(jax.tree.leaves(dst['vision_tower']))
+  assert len(copied) == n_vision and all(p.startswith('vision_tower/') for p in copied)
+  assert all((x == 7).all() for x in jax.tree.leaves(new['vision_tower']))
+  assert all((x == 0).all() for x in jax.tree.leaves(new['language_model']))
+  mask = stages_lib.trainable_mask(dst, c.stages.alignment.trainable)
+  assert not any(jax.tree.leaves(mask['language_model']))
+  assert all(jax.tree.leaves(mask['vision_tower'])) and all(jax.tree.leaves(mask['multi_modal_projector']))
+
+
+def test_stage_validation_names_the_key():
+  c = _config()
+  c.stages.cooldown.steps = 0
+  with pytest.raises(ConfigError, match=r'config.stages.cooldown: set a budget'):
+    validate(c)
+  c = _config()
+  c.stages.sft_2.eval = ('vqa', 'mmmu')
+  with pytest.raises(ConfigError, match=r'config.stages.sft_2.eval: unknown'):
+    validate(c)
+  c = _config()
+  c.stages.long_context_2.seq_len_scale = 64
+  with pytest.raises(ConfigError, match=r'long_context_2.seq_len_scale'):
+    validate(c)
