@@ -25,8 +25,13 @@ _MESHES = {
 T = 10 ** 12
 B = 10 ** 9
 
+# The ``:arg`` values this file accepts (the golden-config test snapshots each one).
+ARGS = tuple(_MESHES)
+
 
 def get_config(arg=None):
+  if arg is not None and arg not in _MESHES:
+    raise ValueError(f'unknown pod mesh {arg!r}; choose one of {", ".join(_MESHES)}')
   c = base_config('kimi_vl_a3b')
   c.name = 'kimi_vl_a3b'
   mesh = _MESHES[arg or 'v5p-256']
