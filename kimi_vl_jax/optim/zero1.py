@@ -13,11 +13,13 @@ A Muon parameter is updated inside one ``jax.shard_map`` in one of two modes:
   the full matrix (redundantly on each device of the group, as in Moonlight), and each
   device keeps its ``pp`` slice via ``axis_index``, so no second gather is needed for the
   update. GSPMD would instead communicate at every NS step (SPEC §4.2).
-- ``local`` (stacks of layers/experts whose batch axes can hold every mesh axis): the state
-  holds whole matrices; the gradient moves to that layout with ``all_to_all`` (matrix axis
-  <-> batch axis) and slicing, NS runs locally with no gather, and the update moves back by
-  ``all_to_all``; the only all-gather is ZeRO-1's usual one over axes the parameter is
-  replicated on (none when the stack is sharded over the whole mesh).
+- ``local`` (stacks of layers/experts whose batch axes can take every mesh axis that splits
+  the matrix): the state holds whole matrices; the gradient moves to that layout with
+  ``all_to_all`` (matrix axis <-> batch axis) and slicing, NS runs on whole local matrices,
+  and the update moves back by ``all_to_all``. The only all-gather is ZeRO-1's usual one
+  over axes the parameter is replicated on (none when the stack is sharded over the whole
+  mesh); a replicated axis that does not fit on the batch axes shards the state's matrix
+  axes instead and is gathered once before NS.
 
 A spec is handled here in canonical form: a tuple (one entry per dimension) of tuples of
 mesh axis names, major to minor.
@@ -118,15 +120,22 @@ def plan_muon(route: Route, pp: Canon, mesh: Mesh) -> LeafPlan:
         a2a.append((axis, dm, db))
       if not ok:
         break
+    gather_axes = []
     for axis in extras if ok else ():
-      db = _place(shape, axes, axis, route.batch, mesh)
-      if db is None:
-        ok = False
-        break
-      axes[db].append(axis)
-      slices.append((axis, db))
+      # An unused axis goes on a batch dim if it fits; else on a matrix dim, gathered once
+      # before NS (the param is replicated over it, so no slicing back); else replicated.
+      d = _place(shape, axes, axis, route.batch, mesh)
+      if d is None:
+        d = _place(shape, axes, axis, matrix_dims, mesh)
+        if d is None:
+          continue
+        gather_axes.append(axis)
+      axes[d].append(axis)
+      slices.append((axis, d))
     if ok:
-      return LeafPlan(route, pp, tuple(tuple(a) for a in axes), 'local', tuple(a2a), tuple(slices))
+      ps = tuple(tuple(a) for a in axes)
+      gather_axes = tuple(a for d in range(len(shape)) if d in matrix_dims for a in ps[d])
+      return LeafPlan(route, pp, ps, 'local', tuple(a2a), tuple(slices), gather_axes)
   # Gather mode: unused axes go on the matrix dims only (batch dims keep pp), so the one
   # gather over the matrix axes yields exactly the rows/columns this device's pp needs.
   axes = [list(a) for a in pp]
@@ -190,7 +199,7 @@ def muon_leaf_update(grad, mom, plan: LeafPlan, mesh: Mesh, *, momentum: float, 
     for axis, d in plan.slices:
       x = _slice_axis(x, axis, d, mesh)
     n, m = muon_math.nesterov_momentum(x, m, momentum)
-    if plan.mode == 'gather':
+    if plan.gather_axes:
       n = _gather_full(n.astype(ns_dtype), plan, mesh)
     u = muon_math.orthogonalized_update(n, r.reduction, r.output, r.batch, r.matrix_shape,
                                         ns_steps, ns_dtype)
@@ -202,7 +211,8 @@ def muon_leaf_update(grad, mom, plan: LeafPlan, mesh: Mesh, *, momentum: float, 
     else:
       by_dim: dict[int, list[str]] = {}
       for axis, db in plan.slices:
-        by_dim.setdefault(db, []).append(axis)
+        if db in r.batch:
+          by_dim.setdefault(db, []).append(axis)
       for db, axes in by_dim.items():   # ZeRO-1's all-gather over replicated axes
         u = jax.lax.all_gather(u, tuple(axes), axis=db, tiled=True)
       for axis, dm, db in reversed(plan.a2a):

@@ -25,7 +25,9 @@ def tiny_params(seed: int = 0) -> dict:
           'input_norm': {'scale': _box(rng, (4, 32), ('layers', 'norm'))},
       },
       'moe': {'gate': {'kernel': _box(rng, (32, 8), ('embed', 'experts'))},
-              'experts': {'wi': _box(rng, (8, 32, 16), ('experts', 'embed', 'expert_mlp'))}},
+              'experts': {'wi': _box(rng, (8, 32, 16), ('experts', 'embed', 'expert_mlp')),
+                          # 4 experts: too few to hold every mesh axis of the tests
+                          'wo': _box(rng, (4, 16, 32), ('experts', 'expert_mlp', 'embed'))}},
       'final_norm': {'scale': _box(rng, (32,), ('norm',))},
       'lm_head': {'kernel': _box(rng, (32, 64), ('embed', 'vocab'))},
   }

@@ -139,6 +139,7 @@ def test_frozen_params_have_no_state_and_do_not_move(tiny):
   assert not np.allclose(params['moe']['experts']['wi'], new_params['moe']['experts']['wi'])
   # Muon leaves (gate, experts) hold a momentum; AdamW leaves (the two norms) two moments.
   n_expected = (params['moe']['gate']['kernel'].size + params['moe']['experts']['wi'].size
+                + params['moe']['experts']['wo'].size
                 + 2 * params['final_norm']['scale'].size
                 + 2 * params['layers']['input_norm']['scale'].size)
   n_state = sum(x.size for x in jax.tree.leaves((state.mu, state.nu)))
