@@ -167,3 +167,32 @@ def test_init_annotates_every_param_with_logical_axes():
   stacked = variables['params']['blocks']['block']['wqkv']['kernel']
   assert stacked.names == ('layers', 'vision_embed', 'vision_heads')
   chex.assert_shape(stacked.value, (2, 32, 96))
+
+
+def test_sharded_over_data_fsdp_tensor_matches_single_device(setup):
+  """Params sharded by the rules table, batch over (data, fsdp), constraints active: same output."""
+  import flax.linen as nn
+  from kimi_vl_jax.parallel import mesh as mesh_lib, sharding
+  from kimi_vl_jax.parallel.rules import LOGICAL_AXIS_RULES
+  from kimi_vl_jax.models.moonvit import dummy_inputs
+  import ml_collections
+  mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, expert=1, tensor=2)))
+  vision_cfg = setup['vision_cfg']
+  abstract = jax.eval_shape(lambda: MoonViT(vision_cfg).init(jax.random.PRNGKey(0),
+                                                             *dummy_inputs(vision_cfg)))
+  shardings = sharding.fitted_param_shardings(abstract, mesh)['params']
+  params = jax.device_put(setup['vparams'], shardings)
+  packs = [patch_packing.pack_images(_images(GRIDS, s), MAX_PATCHES) for s in range(4)]
+  batch = patch_packing.stack_packs(packs)
+  global_batch = sharding.make_global_batch(batch, mesh)
+
+  @jax.jit
+  def forward(p, b):
+    with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+      return MoonViT(vision_cfg).apply({'params': p}, *(b[k] for k in patch_packing.PATCH_FIELDS))
+
+  with jax.set_mesh(mesh):
+    got = forward(params, global_batch)
+  want = MoonViT(vision_cfg).apply({'params': setup['vparams']},
+                                   *(jnp.asarray(batch[k]) for k in patch_packing.PATCH_FIELDS))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
