@@ -12,6 +12,8 @@ file / PIL image / HWC uint8 array
      (the order of the patch-embedding conv weight).
 
 Video frames are images with their own grids: ``process_video_frames``.
+Non-RGB inputs are converted to RGB first (the release converts after resizing; the result
+is identical for RGB inputs, and converting first gives one clear error for bad modes).
 Every error names the image (its path, or ``image[i]`` / the caller's name).
 """
 from __future__ import annotations
