@@ -1,7 +1,7 @@
 """Muon vs AdamW on the MoE LM ``bench`` preset: train-step time and loss after a budget.
 
 ``python -m kimi_vl_jax.bench.optim [--steps 30] [--batch 4] [--seq_len 64]
-[--lrs 3e-3,1e-2,3e-2] [--time_batch 4] [--time_seq_len 512] [--time_reps 5]
+[--lrs 1e-3,3e-3,1e-2] [--time_batch 4] [--time_seq_len 512] [--time_reps 5]
 [--png optim_curves.png]``
 
 One run measures, side by side on the same devices:
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
   ap.add_argument('--steps', type=int, default=30)
   ap.add_argument('--batch', type=int, default=4)
   ap.add_argument('--seq_len', type=int, default=64)
-  ap.add_argument('--lrs', default='3e-3,1e-2,3e-2')
+  ap.add_argument('--lrs', default='1e-3,3e-3,1e-2')
   ap.add_argument('--time_batch', type=int, default=4)
   ap.add_argument('--time_seq_len', type=int, default=512)
   ap.add_argument('--time_reps', type=int, default=5)
