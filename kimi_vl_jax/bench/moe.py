@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--backends', default='capacity,dense,ragged')
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--preset', default='bench')
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--seq', type=int, default=512)
   parser.add_argument('--slow_repeats', type=int, default=1,
@@ -129,7 +130,7 @@ def main(argv=None) -> dict:
   args = parser.parse_args(argv)
   platform = jax.default_backend()
   tokens = args.batch * args.seq
-  shape = dict(batch=args.batch, seq=args.seq)
+  shape = dict(batch=args.batch, seq=args.seq, preset=args.preset)
   peak = matmul_peak_flops()
   print(f'platform {platform}; matmul peak {peak / 1e9:.1f} GFLOP/s; tokens {tokens}')
   result = {'platform': platform, 'matmul_peak_gflops': round(peak / 1e9, 2)}
@@ -138,7 +139,7 @@ def main(argv=None) -> dict:
     times = compare_expert_counts(backend, (64, 8), repeats=args.slow_repeats if slow else args.repeats,
                                   **shape)
     ratio = times[64] / times[8]
-    flops = moe_layer_flops(moe_config(64), tokens)
+    flops = moe_layer_flops(moe_config(64, preset=args.preset), tokens)
     mfu = flops / times[64] / peak
     print(f'{backend:9s} ({resolve_backend(backend)}): 64 experts {times[64] * 1e3:8.1f} ms, '
           f'8 experts {times[8] * 1e3:8.1f} ms, ratio {ratio:5.2f}, '

@@ -35,7 +35,7 @@ from kimi_vl_jax.ops.moe_layout import (
 # Rows per block of the dropless fallback layout (each expert pads its rows to a multiple).
 DROPLESS_BLOCK = 64
 # Dropless capacities tried, as multiples of the balanced per-expert load T * K / E.
-DROPLESS_LADDER = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.375, 1.5, 2.0, 3.0)
+DROPLESS_LADDER = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.3125, 1.375, 1.5, 1.75, 2.0, 3.0)
 
 
 def dropless_capacities(num_tokens: int, expected_load: float,
