@@ -52,11 +52,12 @@ def _torch_tower(vision_cfg, threads: int):
   return Kimi_K25VisionModel(hf_cfg).train()
 
 
-def _time(fn, iters: int) -> float:
-  t0 = time.perf_counter()
+def _time(fn, iters: int) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) per call; CPU time is steadier on a shared machine."""
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(iters):
     fn()
-  return (time.perf_counter() - t0) / iters
+  return (time.perf_counter() - t0) / iters, (time.process_time() - c0) / iters
 
 
 def main(argv=None) -> dict:
@@ -127,7 +128,8 @@ def main(argv=None) -> dict:
   for _ in range(args.rounds):
     jax_times.append(_time(jax_run, args.iters))
     torch_times.append(_time(torch_step, args.iters))
-  jax_s, torch_s = min(jax_times), min(torch_times)
+  jax_s, torch_s = min(t[0] for t in jax_times), min(t[0] for t in torch_times)
+  jax_cpu, torch_cpu = min(t[1] for t in jax_times), min(t[1] for t in torch_times)
   n_img = len(images)
   result = {
       'preset': args.preset,
@@ -140,11 +142,15 @@ def main(argv=None) -> dict:
       'jax_images_per_s': round(n_img / jax_s, 2),
       'torch_images_per_s': round(n_img / torch_s, 2),
       'speedup_vs_torch': round(torch_s / jax_s, 3),
+      'jax_cpu_s_per_step': round(jax_cpu, 4),
+      'torch_cpu_s_per_step': round(torch_cpu, 4),
+      'cpu_time_ratio': round(torch_cpu / jax_cpu, 3),
       'torch_threads': threads,
       'attention_block_size': vcfg.attention_block_size,
   }
   print(f'fwd+bwd: jax {jax_s * 1e3:.1f} ms/step ({n_img / jax_s:.2f} img/s), torch sdpa '
-        f'{torch_s * 1e3:.1f} ms/step ({n_img / torch_s:.2f} img/s): {torch_s / jax_s:.2f}x')
+        f'{torch_s * 1e3:.1f} ms/step ({n_img / torch_s:.2f} img/s): {torch_s / jax_s:.2f}x; '
+        f'process CPU s/step jax {jax_cpu:.2f} torch {torch_cpu:.2f}')
   print(json.dumps(result))
   return result
 
