@@ -16,6 +16,7 @@ capacity, add nothing to the load statistics, and get only the shared-expert out
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -77,18 +78,26 @@ def sequence_balance_loss(scores_te, idx_tk, seg_key_t, num_segments: int, top_k
   return jnp.sum(jnp.where(present_s, loss_s, 0.0)) / jnp.maximum(present_s.sum(), 1)
 
 
+def _natural_key(path) -> tuple:
+  """Sort key of a tree path with numbers compared as numbers (layers_2 before layers_10)."""
+  text = jax.tree_util.keystr(path)
+  return tuple(int(p) if p.isdigit() else p for p in re.split(r'(\d+)', text))
+
+
 def update_router_bias(router_vars: Any, load_le, rate: float):
   """Aux-loss-free balancing: b += rate * sign(mean_e load - load_e), per layer.
 
   router_vars: the 'router' collection (any tree whose leaves are biases [..., E]).
-  load_le: routed-token counts, either a tree with the same structure, or one array
-  [L, E] whose rows follow the bias leaves in tree-flatten order (a single scanned leaf
-  [L, E] is the common case; a single [E] leaf takes load [E] or [1, E]).
-  Returns the updated tree (fp32 biases keep their dtype).
+  load_le: routed-token counts, either a tree with the same structure, or one array [L, E]
+  whose rows follow the bias leaves in layer order (leaves sorted by path with numbers
+  compared as numbers, so unscanned ``layers_2`` precedes ``layers_10``; a scanned stack is a
+  single leaf [L, E]; a single [E] leaf takes load [E] or [1, E]).
+  Returns the updated tree (biases keep their dtype).
   """
-  leaves, treedef = jax.tree.flatten(router_vars)
-  if not leaves:
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(router_vars)
+  if not paths_leaves:
     raise ValueError('update_router_bias: router_vars has no e_score_correction_bias leaves')
+  leaves = [leaf for _, leaf in paths_leaves]
   if isinstance(load_le, (dict, list, tuple)) or hasattr(load_le, 'keys'):
     loads = treedef.flatten_up_to(load_le)
   else:
@@ -98,11 +107,11 @@ def update_router_bias(router_vars: Any, load_le, rate: float):
     if sum(rows) != flat.shape[0] or flat.shape[-1] != leaves[0].shape[-1]:
       raise ValueError(f'update_router_bias: load shape {load_le.shape} does not match the '
                        f'router biases {[b.shape for b in leaves]}')
-    splits, start = [], 0
-    for b, r in zip(leaves, rows):
-      splits.append(flat[start:start + r].reshape(b.shape))
-      start += r
-    loads = splits
+    loads = [None] * len(leaves)
+    start = 0
+    for i in sorted(range(len(leaves)), key=lambda i: _natural_key(paths_leaves[i][0])):
+      loads[i] = flat[start:start + rows[i]].reshape(leaves[i].shape)
+      start += rows[i]
 
   def one(b, load):
     load = load.astype(jnp.float32)

@@ -129,6 +129,11 @@ def test_update_router_bias_layouts():
   tree = {'a': jnp.zeros(4), 'b': jnp.zeros(4)}
   out = update_router_bias(tree, {'a': load_le[0], 'b': load_le[2]}, 0.1)
   np.testing.assert_allclose(out['b'], [.1, .1, .1, -.1])
+  # Unscanned layers with one array: rows go in layer order (layers_2 before layers_10).
+  tree = {f'layers_{i}': {'b': jnp.zeros(4)} for i in (1, 2, 10)}
+  out = update_router_bias(tree, load_le, 0.1)
+  np.testing.assert_allclose(out['layers_10']['b'], [.1, .1, .1, -.1])
+  np.testing.assert_allclose(out['layers_2']['b'], [0, 0, 0, 0])
   with pytest.raises(ValueError, match='does not match'):
     update_router_bias({'x': bias_le}, jnp.zeros((2, 4)), 0.1)
 
