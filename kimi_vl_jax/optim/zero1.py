@@ -62,8 +62,14 @@ class LeafPlan:
   ps: Canon                                   # state sharding
   mode: str = 'none'                          # 'gather' | 'local' | 'none' (not Muon)
   a2a: tuple[tuple[str, int, int], ...] = ()  # local mode: (axis, matrix dim, batch dim)
-  slices: tuple[tuple[str, int], ...] = ()    # axes pp lacks: (axis, dim) sliced locally
-  gather_axes: tuple[str, ...] = ()           # gather mode: axes splitting matrix dims in ps
+  slices: tuple[tuple[str, int], ...] = ()    # local mode: unused axes put on matrix dims
+  gather_axes: tuple[str, ...] = ()           # axes splitting matrix dims in ps (gathered)
+  pre: Canon = ()                             # the gradient's layout entering shard_map
+  gather_back: tuple[tuple[str, int], ...] = ()  # local mode: unused axes on batch dims
+
+  @property
+  def grad_spec(self) -> P:
+    return to_pspec(self.pre)
 
   @property
   def param_spec(self) -> P:
@@ -107,8 +113,8 @@ def plan_muon(route: Route, pp: Canon, mesh: Mesh) -> LeafPlan:
   if route.batch:
     # Local mode: every axis on a matrix dim moves to a batch dim (minor-first per dim, so
     # each all_to_all concatenates contiguous blocks), then the unused axes are added.
-    axes = [list(a) for a in pp]
-    a2a, slices, ok = [], [], True
+    axes = [list(a) for a in pp]   # bookkeeping of what each dim holds (for divisibility)
+    a2a, ok = [], True
     for dm in matrix_dims:
       for axis in reversed(pp[dm]):
         db = _place(shape, axes, axis, route.batch, mesh)
@@ -120,34 +126,46 @@ def plan_muon(route: Route, pp: Canon, mesh: Mesh) -> LeafPlan:
         a2a.append((axis, dm, db))
       if not ok:
         break
-    gather_axes = []
+    batch_extras, matrix_extras = [], []
     for axis in extras if ok else ():
       # An unused axis goes on a batch dim if it fits; else on a matrix dim, gathered once
       # before NS (the param is replicated over it, so no slicing back); else replicated.
       d = _place(shape, axes, axis, route.batch, mesh)
-      if d is None:
+      if d is not None:
+        batch_extras.append((axis, d))
+      else:
         d = _place(shape, axes, axis, matrix_dims, mesh)
         if d is None:
           continue
-        gather_axes.append(axis)
+        matrix_extras.append((axis, d))
       axes[d].append(axis)
-      slices.append((axis, d))
     if ok:
-      ps = tuple(tuple(a) for a in axes)
+      # The gradient enters as pp + batch extras (a plain reshard: GSPMD can reduce-scatter
+      # it); the all_to_alls then append the moved axes (minor) to the batch dims.
+      pre = [list(a) for a in pp]
+      for axis, d in batch_extras:
+        pre[d].append(axis)
+      ps = [list(a) for a in pre]
+      for axis, dm, db in a2a:
+        ps[db].append(axis)
+        ps[dm].remove(axis)
+      for axis, d in matrix_extras:
+        ps[d].append(axis)
+      ps = tuple(tuple(a) for a in ps)
       gather_axes = tuple(a for d in range(len(shape)) if d in matrix_dims for a in ps[d])
-      return LeafPlan(route, pp, ps, 'local', tuple(a2a), tuple(slices), gather_axes)
+      return LeafPlan(route, pp, ps, 'local', tuple(a2a), tuple(matrix_extras), gather_axes,
+                      tuple(tuple(a) for a in pre), tuple(batch_extras))
   # Gather mode: unused axes go on the matrix dims only (batch dims keep pp), so the one
   # gather over the matrix axes yields exactly the rows/columns this device's pp needs.
+  # The gradient enters already in ps (a reshard outside: GSPMD can reduce-scatter it).
   axes = [list(a) for a in pp]
-  slices = []
   for axis in extras:
     d = _place(shape, axes, axis, matrix_dims, mesh)
     if d is not None:
       axes[d].append(axis)
-      slices.append((axis, d))
-  gather_axes = tuple(a for d in range(len(shape)) if d in matrix_dims for a in axes[d])
-  return LeafPlan(route, pp, tuple(tuple(a) for a in axes), 'gather', (), tuple(slices),
-                  gather_axes)
+  ps = tuple(tuple(a) for a in axes)
+  gather_axes = tuple(a for d in range(len(shape)) if d in matrix_dims for a in ps[d])
+  return LeafPlan(route, pp, ps, 'gather', gather_axes=gather_axes, pre=ps)
 
 
 def plan_leaf(route: Route, pp: Canon, mesh: Mesh) -> LeafPlan:
@@ -192,7 +210,7 @@ def muon_leaf_update(grad, mom, plan: LeafPlan, mesh: Mesh, *, momentum: float, 
   """(scaled orthogonalized update in pp, new momentum in ps) for one Muon parameter."""
   r = plan.route
 
-  def body(g, m):
+  def body(g, m):   # g: the pre block, m: the ps block
     x = g.astype(jnp.float32)
     for axis, dm, db in plan.a2a:
       x = jax.lax.all_to_all(x, axis, db, dm, tiled=True)
@@ -209,17 +227,17 @@ def muon_leaf_update(grad, mom, plan: LeafPlan, mesh: Mesh, *, momentum: float, 
           size = r.shape[d] // math.prod(mesh.shape[a] for a in plan.pp[d])
           u = jax.lax.dynamic_slice_in_dim(u, _linear_index(plan.pp[d], mesh) * size, size, d)
     else:
-      by_dim: dict[int, list[str]] = {}
-      for axis, db in plan.slices:
-        if db in r.batch:
-          by_dim.setdefault(db, []).append(axis)
-      for db, axes in by_dim.items():   # ZeRO-1's all-gather over replicated axes
-        u = jax.lax.all_gather(u, tuple(axes), axis=db, tiled=True)
       for axis, dm, db in reversed(plan.a2a):
         u = jax.lax.all_to_all(u, axis, dm, db, tiled=True)
+      by_dim: dict[int, list[str]] = {}
+      for axis, db in plan.gather_back:
+        by_dim.setdefault(db, []).append(axis)
+      for db, axes in by_dim.items():   # ZeRO-1's all-gather over replicated axes
+        u = jax.lax.all_gather(u, tuple(axes), axis=db, tiled=True)
     return u, m
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(plan.param_spec, plan.state_spec),
+  grad = constrain(grad, mesh, plan.grad_spec)
+  return jax.shard_map(body, mesh=mesh, in_specs=(plan.grad_spec, plan.state_spec),
                        out_specs=(plan.param_spec, plan.state_spec), check_vma=False)(grad, mom)
 
 
