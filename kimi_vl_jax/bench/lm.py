@@ -34,15 +34,22 @@ from kimi_vl_jax.config.presets import get_preset
 from kimi_vl_jax.models.lm import MoeLM
 
 
-def _median_time(fn, steps: int, warmup: int) -> float:
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def _alternating_medians(fns, rounds: int, warmup: int) -> list[float]:
+  """Median seconds of each no-arg callable, timed in alternating rounds (shared-host fairness)."""
   for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+    for fn in fns:
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(rounds):
+    for t, fn in zip(times, fns):
+      t.append(_timed(fn))
+  return [float(np.median(t)) for t in times]
 
 
 def _batch(cfg, batch: int, seq: int, seed: int = 0):
@@ -53,8 +60,8 @@ def _batch(cfg, batch: int, seq: int, seed: int = 0):
 # ------------------------------------------------------------------------------------- jax
 
 
-def jax_train_step_time(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
-  """Median seconds of one jitted train step (fwd + bwd + AdamW) of MoeLM."""
+def make_jax_train_step(cfg, batch: int, seq: int):
+  """A no-arg callable running one jitted MoeLM train step (fwd + bwd + AdamW) to completion."""
   model = MoeLM(FrozenConfigDict(cfg))
   data = _batch(cfg, batch, seq)
   inputs, labels = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
@@ -83,7 +90,7 @@ def jax_train_step_time(cfg, batch: int, seq: int, steps: int, warmup: int) -> f
     state['p'], state['o'], loss = step(state['p'], state['o'], router, inputs, labels)
     loss.block_until_ready()
 
-  return _median_time(run, steps, warmup)
+  return run
 
 
 def active_matmul_params(cfg) -> float:
@@ -114,25 +121,25 @@ def train_flops(cfg, batch: int, seq: int) -> float:
   return 6 * active_matmul_params(cfg) * tokens + 3 * attn_fwd * cfg.num_hidden_layers
 
 
-def matmul_peak_flops(n: int = 1024, steps: int = 10) -> float:
-  """Best fp32 FLOP/s of a jitted [n, n] @ [n, n] on this host."""
+def make_matmul_peak(n: int = 1024, repeats: int = 5):
+  """A no-arg callable returning the best fp32 FLOP/s of ``repeats`` jitted [n,n] @ [n,n]."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   f = jax.jit(lambda a, b: a @ b)
   f(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
+
+  def peak():
+    best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+  return peak
 
 
 # ----------------------------------------------------------------------------------- torch
 
 
-def torch_train_step_time(cfg, batch: int, seq: int, steps: int, warmup: int) -> float:
-  """Median seconds of one transformers DeepseekV3ForCausalLM train step (AdamW), same dims."""
+def make_torch_train_step(cfg, batch: int, seq: int):
+  """A no-arg callable running one transformers DeepseekV3ForCausalLM train step (AdamW)."""
   import torch
   import transformers
   from kimi_vl_jax.convert.hf_lm import hf_config_from_lm
@@ -152,14 +159,14 @@ def torch_train_step_time(cfg, batch: int, seq: int, steps: int, warmup: int) ->
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return _median_time(run, steps, warmup)
+  return run
 
 
 # ------------------------------------------------------------------------------- moe layer
 
 
-def moe_layer_time(cfg, experts: int, batch: int, seq: int, steps: int, warmup: int) -> float:
-  """Median seconds of fwd+bwd of one MoEBlock with ``experts`` routed experts."""
+def make_moe_layer(cfg, experts: int, batch: int, seq: int):
+  """A no-arg callable running fwd+bwd of one MoEBlock with ``experts`` routed experts."""
   from kimi_vl_jax.models.moe import MoEBlock
   import flax.linen as nn
   c = cfg.copy_and_resolve_references()
@@ -177,8 +184,7 @@ def moe_layer_time(cfg, experts: int, batch: int, seq: int, steps: int, warmup: 
       return jnp.sum(y * y)
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
-  run = lambda: jax.block_until_ready(fwd_bwd(variables['params'], x))  # noqa: E731
-  return _median_time(run, steps, warmup)
+  return lambda: jax.block_until_ready(fwd_bwd(variables['params'], x))
 
 
 # ------------------------------------------------------------------------------- attention
@@ -223,25 +229,39 @@ def main(argv=None) -> dict:
   print(f'backend={jax.default_backend()} devices={jax.device_count()} cores={os.cpu_count()} '
         f'preset={args.preset} batch={args.batch}x{args.seq} moe_backend={cfg.moe_backend}')
 
-  peak = matmul_peak_flops()
-  print(f'matmul peak (fp32, 1024^3, best of 10): {peak / 1e9:.1f} GFLOP/s')
-
-  t_jax = jax_train_step_time(cfg, args.batch, args.seq, args.steps, args.warmup)
+  # The host may be shared, so the matmul peak, the JAX step and the torch step are timed in
+  # alternating rounds (each sees the same background load) and the medians are compared.
+  peak_fn = make_matmul_peak()
+  jax_step = make_jax_train_step(cfg, args.batch, args.seq)
+  torch_step = None if args.skip_torch else make_torch_train_step(cfg, args.batch, args.seq)
+  for _ in range(args.warmup):
+    jax_step()
+    if torch_step:
+      torch_step()
+  peaks, t_jaxs, t_torchs = [], [], []
+  for _ in range(args.steps):
+    peaks.append(peak_fn())
+    t_jaxs.append(_timed(jax_step))
+    if torch_step:
+      t_torchs.append(_timed(torch_step))
+  peak, t_jax = float(np.median(peaks)), float(np.median(t_jaxs))
+  t_torch = float(np.median(t_torchs)) if t_torchs else float('nan')
   flops = train_flops(cfg, args.batch, args.seq)
   mfu = flops / t_jax / peak
+  print(f'matmul peak (fp32 1024^3, median over rounds of best-of-5): {peak / 1e9:.1f} GFLOP/s '
+        f'(rounds: {", ".join(f"{p / 1e9:.0f}" for p in peaks)})')
   print(f'JAX   train step: {t_jax * 1e3:8.1f} ms  {tokens / t_jax:9.0f} tokens/s  '
         f'{flops / t_jax / 1e9:.1f} GFLOP/s  MFU {100 * mfu:.1f}% '
-        f'(N_active matmul params {active_matmul_params(cfg) / 1e6:.2f}M, {flops / 1e9:.1f} GFLOP/step)')
-
-  t_torch = float('nan')
-  if not args.skip_torch:
-    t_torch = torch_train_step_time(cfg, args.batch, args.seq, args.steps, args.warmup)
-    print(f'torch train step: {t_torch * 1e3:8.1f} ms  {tokens / t_torch:9.0f} tokens/s')
+        f'(N_active matmul params {active_matmul_params(cfg) / 1e6:.2f}M, {flops / 1e9:.1f} GFLOP/step; '
+        f'rounds ms: {", ".join(f"{t * 1e3:.0f}" for t in t_jaxs)})')
+  if torch_step:
+    print(f'torch train step: {t_torch * 1e3:8.1f} ms  {tokens / t_torch:9.0f} tokens/s  '
+          f'(rounds ms: {", ".join(f"{t * 1e3:.0f}" for t in t_torchs)})')
   speedup = t_torch / t_jax
   print(f'speedup JAX vs torch: {speedup:.2f}x (target >= 2x); MFU {100 * mfu:.1f}% (target >= 50%)')
 
-  t64 = moe_layer_time(cfg, 64, args.batch, args.seq, args.steps, args.warmup)
-  t8 = moe_layer_time(cfg, 8, args.batch, args.seq, args.steps, args.warmup)
+  t64, t8 = _alternating_medians(
+      [make_moe_layer(cfg, e, args.batch, args.seq) for e in (64, 8)], 2 * args.steps, args.warmup)
   print(f'MoE layer fwd+bwd: 64 experts {t64 * 1e3:.1f} ms, 8 experts {t8 * 1e3:.1f} ms, '
         f'ratio {t64 / t8:.2f} (target <= 1.5)')
 
