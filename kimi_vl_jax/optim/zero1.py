@@ -7,7 +7,8 @@ state's is ``ps`` = ``pp`` plus extra mesh axes appended (minor) to some dimensi
 
 A Muon parameter is updated inside one ``jax.shard_map`` in one of two modes:
 
-- ``gather`` (a 2-D matrix, or a stack whose batch axes cannot hold the mesh): the state
+- ``gather`` (a 2-D matrix, or a stack whose batch axes cannot take the mesh axes that
+  split its matrices): the state
   holds a slice of each matrix; the Nesterov direction is all-gathered ONCE over every mesh
   axis that splits the matrix axes (in ``ns_dtype``, bf16 by option), Newton-Schulz runs on
   the full matrix (redundantly on each device of the group, as in Moonlight), and each
@@ -20,6 +21,11 @@ A Muon parameter is updated inside one ``jax.shard_map`` in one of two modes:
   over axes the parameter is replicated on (none when the stack is sharded over the whole
   mesh); a replicated axis that does not fit on the batch axes shards the state's matrix
   axes instead and is gathered once before NS.
+
+The gradient is resharded to its ZeRO-1 layout before the ``shard_map`` (ps in gather mode,
+pp plus the batch-dim extras in local mode), so the partitioner can turn the data-parallel
+gradient all-reduce plus slice into a reduce-scatter (Moonlight step 1) where the platform's
+XLA pipeline does that (GPU/TPU; the CPU pipeline keeps an all-reduce).
 
 A spec is handled here in canonical form: a tuple (one entry per dimension) of tuples of
 mesh axis names, major to minor.
