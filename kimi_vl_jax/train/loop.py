@@ -267,8 +267,9 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
     if int(m['nonfinite_run']) >= t.max_consecutive_nonfinite:
       raise NonFiniteError(
           f'stage {stage.name}: {int(m["nonfinite_run"])} consecutive non-finite steps ending at '
-          f'step {step_i} (data position {step_i}: batch(step={step_i}) of the stage source); '
-          f'last checkpoint: {ck.latest_step()}')
+          f'step {step_i + 1} (data position: stage batch {step_i}, 0-based; source state '
+          f'{source.get_state()}); parameters were not updated by these steps; last checkpoint: '
+          f'{ck.latest_step()}')
     if (step_i + 1) % config.metrics.log_every and step_i + 1 != stage.steps:
       return
     now = time.time()

@@ -97,3 +97,37 @@ def test_exact_resume_after_kill9_and_sigterm(tmp_path):
   assert int(state['step']) == step
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
   ck.close()
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+  """NaN losses (out-of-vocabulary ids embed to NaN) are skipped, then the run stops with an
+  error naming the stage, step and data position, and no checkpoint is written."""
+  import importlib.util
+  from kimi_vl_jax.train import data as data_lib, loop
+
+  spec = importlib.util.spec_from_file_location('resume_experiment', os.path.join(HERE, 'resume_experiment.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config('6,0')
+  config.train.max_consecutive_nonfinite = 2
+
+  class Poisoned:
+    def __init__(self, inner):
+      self.inner, self.tok, self.source_names = inner, inner.tok, inner.source_names
+
+    def next(self):
+      batch = self.inner.next()
+      batch['tokens'] = np.where(batch['segment_ids'] > 0, 10 ** 6, batch['tokens']).astype(np.int32)
+      return batch
+
+    def get_state(self):
+      return self.inner.get_state()
+
+    def set_state(self, s):
+      self.inner.set_state(s)
+
+  factory = lambda c, s, m: Poisoned(data_lib.make_source(c, s, m))
+  with pytest.raises(loop.NonFiniteError, match=r'joint_pretrain: 2 consecutive non-finite steps '
+                     r'ending at step 2 \(data position'):
+    loop.run_experiment(config, str(tmp_path), source_factory=factory)
+  assert ckpt_lib.StageCheckpoints(str(tmp_path), 'joint_pretrain').latest_step() is None
