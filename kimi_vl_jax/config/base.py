@@ -33,7 +33,7 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       checkpoint_every=0,        # steps between checkpoints inside a stage (0 = stage end only)
       keep_checkpoints=2,        # last N per stage (each stage's final is kept as well)
       async_checkpoints=True,
-      profile_start=-1,          # global step of the first traced step (-1 = no trace)
+      profile_start=-1,          # step (within each stage) of the first traced step (-1 = off)
       profile_steps=3,
       image_max_side=224,        # vit_pretrain images: max side in pixels (stage image_sides override)
       caption_len=32,            # caption tokens per example in vit_pretrain

@@ -41,3 +41,12 @@ def test_alignment_freezes_the_lm(tmp_path):
   for f in ('metrics.jsonl', 'curves.png', 'report.md'):
     assert os.path.exists(os.path.join(workdir, 'alignment', f)), f
   assert os.path.exists(os.path.join(workdir, 'report.json'))
+
+  # The generation CLI's path answers about a user's image file from that checkpoint.
+  from PIL import Image
+  from kimi_vl_jax import generate
+  image = str(tmp_path / 'red.png')
+  Image.new('RGB', (60, 44), (200, 10, 10)).save(image)
+  assert generate.find_stage(workdir) == 'alignment'
+  text = generate.answer(workdir, [image, image], 'What color is the shape?', max_new_tokens=3)
+  assert isinstance(text, str)
