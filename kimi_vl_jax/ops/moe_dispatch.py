@@ -10,8 +10,8 @@ One interface, ``expert_ffn``, several backends with the same result (up to capa
 - ``capacity``: the CPU path, whose cost follows the active experts: assignments sorted into
   expert-major ``[E, C, D]`` buffers and one batched einsum per matmul (``moe_capacity``).
   ``capacity_factor > 0``: ``C = ceil(capacity_factor * T * K / E)``, assignments past it are
-  dropped and counted. ``capacity_factor == 0``: dropless; C is picked at run time from a
-  ladder of static sizes, with a block layout as the fallback for any routing.
+  dropped and counted. ``capacity_factor == 0``: dropless; experts sorted by load into groups,
+  each group's C picked at run time from a ladder of static sizes that always ends in a fit.
 - ``auto``: ``capacity`` on CPU, ``ragged`` elsewhere.
 
 Every data movement (tokens -> buffer, buffer -> tokens) is a row gather with integer indices
@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from kimi_vl_jax.ops.moe_capacity import (  # noqa: F401  (re-exported)
-    DROPLESS_BLOCK, DROPLESS_LADDER, capacity_expert_outputs, dropless_capacities)
+    capacity_expert_outputs, group_capacities, group_starts)
 from kimi_vl_jax.ops.moe_layout import (  # noqa: F401  (re-exported)
-    Plan, capacity_per_expert, gather_rows, plan_capacity, plan_dropless_blocks, plan_ragged)
+    Plan, capacity_per_expert, gather_rows, plan_capacity, plan_ragged)
 
 BACKENDS = ('auto', 'ragged', 'capacity', 'dense')
 
@@ -69,8 +69,7 @@ def _dispatch(x_td, plan: Plan, top_k: int):
 
 
 def expert_ffn(x_td, idx_tk, w_tk, w_gate_edf, w_up_edf, w_down_efd, *, backend: str = 'auto',
-               capacity_factor: float = 0.0, dtype=None, block: int = DROPLESS_BLOCK,
-               expected_load: float | None = None):
+               capacity_factor: float = 0.0, dtype=None, expected_load: float | None = None):
   """Weighted sum of the top-k routed experts of every token.
 
   Args:
@@ -80,9 +79,8 @@ def expert_ffn(x_td, idx_tk, w_tk, w_gate_edf, w_up_edf, w_down_efd, *, backend:
     w_gate_edf, w_up_edf: [E, D, F]; w_down_efd: [E, F, D].
     backend: 'auto' | 'ragged' | 'capacity' | 'dense'.
     capacity_factor: capacity backend only; 0 = dropless.
-    block: rows per block of the dropless fallback layout.
     expected_load: assignments per expert under balanced routing, which scales the dropless
-      capacity ladder (default T * K / E; expert parallelism passes its own).
+      capacity ladders (default T * K / E; expert parallelism passes its own).
     dtype: compute dtype of the expert matmuls (default: x's); the combine is fp32.
   Returns:
     (y_td float32 [T, D], dropped int32 scalar: assignments dropped for capacity).
@@ -112,6 +110,6 @@ def expert_ffn(x_td, idx_tk, w_tk, w_gate_edf, w_up_edf, w_down_efd, *, backend:
   capacity = capacity_per_expert(t, k, e, capacity_factor) if capacity_factor > 0 else 0
   y_ad, dropped = capacity_expert_outputs(
       x_td, idx_a, k, (w_gate_edf, w_up_edf, w_down_efd), capacity=capacity,
-      expected_load=expected_load, block=block)
+      expected_load=expected_load)
   y_tkd = y_ad.reshape(t, k, -1).astype(jnp.float32)
   return jnp.einsum('tkd,tk->td', y_tkd, w_tk.astype(jnp.float32)), dropped

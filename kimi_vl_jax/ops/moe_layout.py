@@ -71,14 +71,12 @@ class Plan(NamedTuple):
   token_r: [R] token read by buffer row r (= T for empty rows).
   assign_r: [R] assignment held by buffer row r (= A for empty rows).
   group_e: [E] rows per expert (ragged layout only; zeros otherwise).
-  block_expert_n: [R // block] expert of each row block (dropless layout only).
   dropped: int32 number of routed assignments that did not fit.
   """
   slot_a: jax.Array
   token_r: jax.Array
   assign_r: jax.Array
   group_e: jax.Array
-  block_expert_n: jax.Array
   dropped: jax.Array
 
 
@@ -93,13 +91,13 @@ def _rank_within_expert(expert_a, num_experts: int):
   return rank_a, counts
 
 
-def _finish(slot_a, rows: int, top_k: int, group_e, block_expert_n, dropped) -> Plan:
+def _finish(slot_a, rows: int, top_k: int, group_e, dropped) -> Plan:
   a = slot_a.shape[0]
   assign = jnp.arange(a, dtype=jnp.int32)
   assign_r = jnp.full((rows,), a, jnp.int32).at[slot_a].set(assign, mode='drop',
                                                             unique_indices=True)
   token_r = jnp.where(assign_r < a, assign_r // top_k, a // top_k)
-  return Plan(slot_a, token_r, assign_r, group_e, block_expert_n, jnp.asarray(dropped, jnp.int32))
+  return Plan(slot_a, token_r, assign_r, group_e, jnp.asarray(dropped, jnp.int32))
 
 
 def _clean(expert_a, num_experts: int):
@@ -119,33 +117,7 @@ def plan_capacity(expert_a, num_experts: int, top_k: int, capacity: int, ranks=N
   keep = valid & (rank_a < capacity)
   slot_a = jnp.where(keep, expert_a * capacity + rank_a, rows)
   dropped = jnp.sum(valid & ~keep)
-  return _finish(slot_a, rows, top_k, jnp.zeros((num_experts,), jnp.int32),
-                 jnp.zeros((0,), jnp.int32), dropped)
-
-
-def dropless_blocks(num_assignments: int, num_experts: int, block: int) -> int:
-  """Static bound on row blocks: sum_e ceil(c_e / b) <= (A + E (b - 1)) / b."""
-  return (num_assignments + num_experts * (block - 1)) // block
-
-
-def plan_dropless_blocks(expert_a, num_experts: int, top_k: int, block: int,
-                         ranks=None) -> Plan:
-  """Each expert's rows padded to a multiple of ``block``; no capacity, nothing dropped."""
-  expert_a, valid = _clean(expert_a, num_experts)
-  rank_a, counts = ranks if ranks is not None else _rank_within_expert(expert_a, num_experts)
-  blocks_e = (counts[:num_experts] + block - 1) // block
-  end_blocks_e = jnp.cumsum(blocks_e)
-  start_row_e = jnp.concatenate([jnp.zeros((1,), jnp.int32), end_blocks_e[:-1] * block,
-                                 jnp.zeros((1,), jnp.int32)])
-  nb = dropless_blocks(expert_a.shape[0], num_experts, block)
-  rows = nb * block
-  slot_a = jnp.where(valid, start_row_e[expert_a] + rank_a, rows)
-  # Blocks past the last used one get the last expert: their rows are zero, so they add
-  # nothing to outputs or weight gradients.
-  block_expert_n = jnp.minimum(
-      jnp.searchsorted(end_blocks_e, jnp.arange(nb, dtype=jnp.int32), side='right'),
-      num_experts - 1).astype(jnp.int32)
-  return _finish(slot_a, rows, top_k, jnp.zeros((num_experts,), jnp.int32), block_expert_n, 0)
+  return _finish(slot_a, rows, top_k, jnp.zeros((num_experts,), jnp.int32), dropped)
 
 
 def plan_ragged(expert_a, num_experts: int, top_k: int) -> Plan:
@@ -155,4 +127,4 @@ def plan_ragged(expert_a, num_experts: int, top_k: int) -> Plan:
   starts = jnp.cumsum(counts) - counts
   a = expert_a.shape[0]
   slot_a = jnp.where(valid, starts[expert_a] + rank_a, a)
-  return _finish(slot_a, a, top_k, counts[:num_experts], jnp.zeros((0,), jnp.int32), 0)
+  return _finish(slot_a, a, top_k, counts[:num_experts], 0)

@@ -28,10 +28,10 @@ def _problem(seed=0, skew=False):
   return x_td, idx_tk, w_tk, weights
 
 
-def _value_and_grads(backend, cf, x_td, idx_tk, w_tk, weights, block=4, expected_load=None):
+def _value_and_grads(backend, cf, x_td, idx_tk, w_tk, weights, expected_load=None):
   def loss(x, w, wg, wu, wd):
     y, dropped = md.expert_ffn(x, idx_tk, w, wg, wu, wd, backend=backend, capacity_factor=cf,
-                               block=block, expected_load=expected_load)
+                               expected_load=expected_load)
     return jnp.sum(y * jnp.sin(y)), (y, dropped)
   (_, (y, dropped)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4),
                                                         has_aux=True))(x_td, w_tk, *weights)
@@ -58,8 +58,8 @@ def test_backends_match_dense_forward_and_grads(skew):
   y_ref = _numpy_reference(x_td, idx_tk, w_tk, weights)
   y_dense, _, g_dense = _value_and_grads('dense', 0.0, x_td, idx_tk, w_tk, weights)
   np.testing.assert_allclose(y_dense, y_ref, atol=1e-4, rtol=1e-4)
-  # capacity 0 = dropless (a ladder rung, or the block layout when the expected load is set so
-  # low that no rung fits); capacity factor E (C = T * K) also never drops.
+  # capacity 0 = dropless (a ladder rung, or the closing bound of the ladder when the expected
+  # load is set so low that no other rung fits); capacity factor E (C = T * K) never drops.
   for backend, cf, load in [('ragged', 0.0, None), ('capacity', 0.0, None),
                             ('capacity', 0.0, 2.0), ('capacity', float(E), None)]:
     y, dropped, grads = _value_and_grads(backend, cf, x_td, idx_tk, w_tk, weights,
@@ -98,19 +98,53 @@ def test_capacity_factor_threshold_for_no_drops():
     assert int(dropped) == 0
 
 
-@pytest.mark.parametrize('expected_load', [None, 2.0])
-def test_dropless_all_tokens_to_three_experts(expected_load):
-  # The busiest experts get every token: past every ladder rung but C = T (default), or past
-  # all rungs, so the block layout runs (expected_load 2 -> a single rung C = 8 < T).
-  assert md.dropless_capacities(T, 2.0) == (8,)
-  assert md.dropless_capacities(T, T * K / E)[-1] == T
-  x_td, _, w_tk, weights = _problem()
+def test_group_ladders_end_in_a_bound_that_always_fits():
+  # 64 experts -> a hot group (the 8 busiest) and a cold group whose busiest is the 9th.
+  assert md.group_starts(64) == (0, 8, 64) and md.group_starts(8) == (0, 8)
+  ladders = md.group_capacities(2048, 2048 * 6, 64, 192.0)
+  assert [caps[-1] for caps in ladders] == [2048, 2048 * 6 // 9]
+  assert all(list(caps) == sorted(set(caps)) for caps in ladders)
+  assert min(ladders[0]) == 192 and 144 in ladders[1]
+
+
+@pytest.mark.parametrize('num_experts,expected_load', [(E, None), (E, 2.0), (32, None)])
+def test_dropless_any_routing_all_tokens_to_three_experts(num_experts, expected_load):
+  # The busiest experts get every token: past every ladder rung but the closing bound.
+  # 32 experts -> hot and cold groups; the three hot experts land in the hot group.
+  x_td, _, w_tk, _ = _problem()
+  ks = jax.random.split(jax.random.PRNGKey(5), 3)
+  weights = (jax.random.normal(ks[0], (num_experts, D, F)) * 0.3,
+             jax.random.normal(ks[1], (num_experts, D, F)) * 0.3,
+             jax.random.normal(ks[2], (num_experts, F, D)) * 0.3)
   idx_tk = jnp.stack([jnp.full((T,), 5, jnp.int32), jnp.full((T,), 2, jnp.int32),
-                      jnp.full((T,), 5 - 1, jnp.int32)], axis=1)
-  y, dropped, _ = _value_and_grads('capacity', 0.0, x_td, idx_tk, w_tk, weights, block=8,
-                                   expected_load=expected_load)
+                      jnp.full((T,), 7, jnp.int32)], axis=1)
+  y_ref, _, g_ref = _value_and_grads('dense', 0.0, x_td, idx_tk, w_tk, weights)
+  y, dropped, grads = _value_and_grads('capacity', 0.0, x_td, idx_tk, w_tk, weights,
+                                       expected_load=expected_load)
   assert int(dropped) == 0
-  np.testing.assert_allclose(y, _numpy_reference(x_td, idx_tk, w_tk, weights), atol=1e-4)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+  for g, r in zip(grads, g_ref):
+    np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_dropless_grouped_matches_dense_on_skewed_routing():
+  # 32 experts (hot group of 4 + cold group) with a skewed router: groups differ in capacity.
+  e = 32
+  ks = jax.random.split(jax.random.PRNGKey(7), 6)
+  x_td = jax.random.normal(ks[0], (T, D))
+  logits = 2.0 * jax.random.normal(ks[1], (e,)) + jax.random.normal(ks[2], (T, e))
+  idx_tk = jax.lax.top_k(logits, K)[1].astype(jnp.int32).at[4].set(e)
+  w_tk = jax.random.uniform(ks[3], (T, K))
+  weights = (jax.random.normal(ks[4], (e, D, F)) * 0.3, jax.random.normal(ks[5], (e, D, F)) * 0.3,
+             jax.random.normal(ks[3], (e, F, D)) * 0.3)
+  counts = np.sort(np.bincount(np.asarray(idx_tk)[np.asarray(idx_tk) < e], minlength=e))[::-1]
+  assert counts[0] > 2 * counts[4] > 0          # groups really differ in load
+  y_ref, _, g_ref = _value_and_grads('dense', 0.0, x_td, idx_tk, w_tk, weights)
+  y, dropped, grads = _value_and_grads('capacity', 0.0, x_td, idx_tk, w_tk, weights)
+  assert int(dropped) == 0
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+  for g, r in zip(grads, g_ref):
+    np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
 
 
 def test_gather_rows_vjp_is_the_transpose():
