@@ -225,17 +225,17 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
       return state_lib.create_state(params, extra, opt, rng)
     target = state_lib.abstract_state(sh, make)
     st, meta, data_state = ck.restore(target)
-    # Re-materialize through XLA so the restored buffers are laid out exactly like a step's
-    # outputs (host-deserialized buffers can take different CPU kernel paths, off by ulps).
-    st = jax.jit(lambda s: jax.tree.map(lambda x: x + 0 if x.dtype != bool else x, s),
-                 out_shardings=sh)(st)
     start_step, tokens_seen = int(meta['step']), int(meta.get('tokens_seen', 0))
     if data_state is not None:
       base_source.set_state(data_state)
     example = base_source.next()
     logging.info('stage %s: resumed at step %d', stage.name, start_step)
   else:
-    st, copied = _init_state(task, opt, sh, rng, _prev_params(config, workdir, stage))
+    prev = _prev_params(config, workdir, stage)
+    st, copied = _init_state(task, opt, sh, rng, prev)
+    if prev is not None and not copied:
+      raise ValueError(f'stage {stage.name}: no parameter of the previous checkpoint matches this '
+                       'model by path and shape (was the model config changed?)')
     if copied:
       logging.info('stage %s: loaded %d tensors from the previous stage', stage.name, len(copied))
 

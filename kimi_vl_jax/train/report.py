@@ -18,7 +18,11 @@ def stage_plot(stage_dir: str, stage: str) -> Optional[str]:
   path = os.path.join(stage_dir, 'metrics.jsonl')
   if not os.path.exists(path):
     return None
-  rows = read_jsonl(path)
+  # A resumed stage re-logs the steps after its checkpoint: keep the last record of each step.
+  by_step = {}
+  for r in read_jsonl(path):
+    by_step.setdefault(r['step'], {}).update(r)
+  rows = [by_step[k] for k in sorted(by_step)]
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -51,8 +52,6 @@ def abstract_variables(init_fn: Callable, *args):
   with repeated logical names of one tensor replicated after their first use (flax rejects a
   name twice in one tensor, e.g. the (H, W) axes of MoonViT's position table, both 'vision_pos';
   a mesh axis can shard only one dimension anyway)."""
-  import flax.linen as nn
-
   def dedupe(box):
     if not isinstance(box, nn.LogicallyPartitioned):
       return box
@@ -75,7 +74,6 @@ def state_shardings(boxed_abstract_variables, tx: optax.GradientTransformation, 
   not executed, init), so optimizer authors need not annotate their state.
   """
   var_sh = shard_lib.fitted_param_shardings(boxed_abstract_variables, mesh)
-  import flax.linen as nn
   abstract = nn.unbox(boxed_abstract_variables)
   params_abs, extra_abs = split_variables(abstract)
   params_sh, extra_sh = split_variables(var_sh)
