@@ -70,7 +70,7 @@ def make_jax_train_step(cfg, batch: int, seq: int):
   variables = jax.jit(model.init)(jax.random.PRNGKey(0), inputs, seg, pos)
   import flax.linen as nn
   variables = nn.unbox(variables)
-  params, router = variables['params'], variables['router']
+  params, router = variables['params'], variables.get('router', {})
   tx = optax.adamw(1e-3, weight_decay=0.01)
   opt_state = tx.init(params)
 

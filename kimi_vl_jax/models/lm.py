@@ -178,7 +178,9 @@ class MoeLM(nn.Module):
              'dropped': jnp.zeros((), jnp.int32), 'balance_loss': jnp.zeros((), jnp.float32)}
 
     x_bsd = self.norm(x_bsd)
-    logits_bsv = self.lm_head(x_bsd).astype(jnp.float32)
+    # lm_head on a [tokens, D] view (2-D dots are ~2x faster on XLA:CPU; same elsewhere).
+    logits_bsv = self.lm_head(x_bsd.reshape(-1, x_bsd.shape[-1])).astype(jnp.float32)
+    logits_bsv = logits_bsv.reshape(x_bsd.shape[:-1] + (cfg.vocab_size,))
     logits_bsv = nn.with_logical_constraint(logits_bsv, ('batch', 'length', 'act_vocab'))
     if cfg.logits_soft_cap and cfg.logits_soft_cap > 0:
       cap = float(cfg.logits_soft_cap)

@@ -22,7 +22,11 @@ class MLP(nn.Module):
     dense = lambda feat, axes, name: nn.Dense(  # noqa: E731
         feat, use_bias=False, dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
         kernel_init=nn.with_logical_partitioning(init, axes), name=name)
-    gate_btf = dense(self.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x_btd)
-    up_btf = dense(self.intermediate_size, ('embed', 'mlp'), 'up_proj')(x_btd)
-    h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, ('batch', 'length', 'act_mlp'))
-    return dense(x_btd.shape[-1], ('mlp', 'embed'), 'down_proj')(h_btf)
+    # Matmuls on [tokens, features]: XLA:CPU runs 2-D dots (and their weight gradients, which
+    # contract over tokens) about 2x faster than the same dots with [B, T] leading dims.
+    x_nd = x_btd.reshape(-1, x_btd.shape[-1])
+    gate_nf = dense(self.intermediate_size, ('embed', 'mlp'), 'gate_proj')(x_nd)
+    up_nf = dense(self.intermediate_size, ('embed', 'mlp'), 'up_proj')(x_nd)
+    h_nf = nn.with_logical_constraint(nn.silu(gate_nf) * up_nf, ('batch', 'act_mlp'))
+    y_nd = dense(x_btd.shape[-1], ('mlp', 'embed'), 'down_proj')(h_nf)
+    return y_nd.reshape(x_btd.shape[:-1] + (y_nd.shape[-1],))
