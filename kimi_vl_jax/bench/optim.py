@@ -25,7 +25,8 @@ One run measures, side by side on the same devices:
 
 Training-loss curves (EMA over 5 steps) of every run go to ``--png``. The last line printed
 is one JSON object with ``muon_step_time_ratio_vs_adamw``, ``muon_final_loss``,
-``adamw_final_loss``, ``muon_best_lr``, ``adamw_best_lr`` and the raw figures.
+``adamw_final_loss``, ``muon_best_lr``, ``adamw_best_lr``, ``muon_update_rms`` (the RMS of
+Muon's pre-lr direction at the end of the best run; ~0.2 by design) and the raw figures.
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
         f'ratio {ratio:.3f}', flush=True)
 
   # 2. Loss after a fixed budget, 3-point lr sweep per optimizer (--steps 0: timing only).
-  curves, final = {}, {}
+  curves, final, update_rms = {}, {}, {}
   for name in ('adamw', 'muon') if args.steps else ():
     for lr in lrs:
       params, router, opt_state = params0, router0, opt_states[name]
@@ -154,8 +155,12 @@ def main(argv=None) -> dict:
       losses = [float(x) for x in jax.device_get(losses)]
       ev = float(np.mean([float(eval_fn(params, router, held_out[j])) for j in range(EVAL_BATCHES)]))
       curves[(name, lr)], final[(name, lr)] = losses, ev
+      # RMS of the last pre-lr direction per group (Muon's is ~0.2 by design).
+      rms = {k: float(v) for k, v in opt_state[1].update_rms.items()}
+      update_rms[(name, lr)] = rms
       print(f'{name:5s} lr {lr:.0e}: train loss {losses[0]:.3f} -> {losses[-1]:.3f}, '
-            f'held-out loss {ev:.4f}', flush=True)
+            f'held-out loss {ev:.4f}, update rms muon {rms["muon"]:.3f} '
+            f'adamw {rms["adamw"]:.3f}', flush=True)
   best = {n: min(lrs, key=lambda lr: final[(n, lr)]) if final else None for n in ('adamw', 'muon')}
   if final:
     _plot(curves, best, args.png)
@@ -165,6 +170,7 @@ def main(argv=None) -> dict:
       'muon_final_loss': round(final[('muon', best['muon'])], 4) if final else None,
       'adamw_final_loss': round(final[('adamw', best['adamw'])], 4) if final else None,
       'muon_best_lr': best['muon'], 'adamw_best_lr': best['adamw'],
+      'muon_update_rms': round(update_rms[('muon', best['muon'])]['muon'], 4) if final else None,
       'muon_step_ms': round(step_s['muon'] * 1e3, 1), 'adamw_step_ms': round(step_s['adamw'] * 1e3, 1),
       'time_tokens_per_step': args.time_batch * args.time_seq_len,
       'train_tokens_per_step': args.batch * args.seq_len, 'steps': args.steps,
