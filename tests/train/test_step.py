@@ -58,3 +58,16 @@ def test_frozen_params_do_not_move(toy):
   chex.assert_trees_all_equal(after['embed'], before['embed'])
   chex.assert_trees_all_equal(after['body'], before['body'])
   assert not np.allclose(after['lm_head']['kernel'], before['lm_head']['kernel'])
+
+
+def test_bf16_compute_keeps_fp32_master_weights(toy):
+  tx = optax.adamw(1e-2)
+  task = toy.task()
+  cfg = step_lib.StepConfig(param_cast_dtype='bfloat16')
+  mesh, sh, st = toy.setup(task, tx, cfg)
+  fn = step_lib.jit_train_step(step_lib.make_train_step(task, tx, cfg), sh, toy.batch(0), mesh)
+  before = jax.device_get(st.params)
+  st, m = fn(st, toy.batch(0))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(st.params))
+  assert np.isfinite(float(m['loss'])) and int(m['skipped']) == 0
+  assert not np.array_equal(jax.device_get(st.params)['body']['kernel'], before['body']['kernel'])
