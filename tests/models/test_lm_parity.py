@@ -16,8 +16,9 @@ from kimi_vl_jax.models.lm import MoeLM  # noqa: E402
 B, S = 2, 24
 
 
-def _hf_config(q_lora_rank=None):
+def _hf_config(q_lora_rank=None, rope_interleave=True):
   return transformers.DeepseekV3Config(
+      rope_interleave=rope_interleave,
       vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
       num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
       n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=2, topk_group=1,
@@ -28,9 +29,9 @@ def _hf_config(q_lora_rank=None):
       attn_implementation='eager')
 
 
-def _torch_model(q_lora_rank=None, seed=0):
+def _torch_model(q_lora_rank=None, seed=0, rope_interleave=True):
   torch.manual_seed(seed)
-  model = transformers.DeepseekV3ForCausalLM(_hf_config(q_lora_rank)).eval()
+  model = transformers.DeepseekV3ForCausalLM(_hf_config(q_lora_rank, rope_interleave)).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith('layernorm.weight') or name.endswith('norm.weight'):
@@ -94,6 +95,21 @@ def test_logits_match_torch(torch_model, ours):
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4, rtol=0)
   chex.assert_shape(aux['load_le'], (2, 8))
   np.testing.assert_allclose(np.asarray(aux['load_le']).sum(-1), B * S * 3)
+
+
+def test_rotate_half_checkpoint_is_permuted_to_interleaved(ours):
+  # rope_interleave=False checkpoints use rotate-half rope rows; conversion permutes them.
+  _, _, cfg, apply = ours
+  hf = _torch_model(seed=5, rope_interleave=False)
+  sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+  variables = jax.tree.map(jnp.asarray, hf_lm.params_from_hf(sd, cfg, rope_interleave=False))
+  tokens = _tokens(9)
+  got, _ = apply(variables, tokens, *_full(tokens))
+  np.testing.assert_allclose(np.asarray(got), _torch_logits(hf, tokens), atol=1e-4, rtol=0)
+  # Reading it as interleaved would be wrong (the test can fail).
+  wrong = jax.tree.map(jnp.asarray, hf_lm.params_from_hf(sd, cfg))
+  bad, _ = apply(wrong, tokens, *_full(tokens))
+  assert float(np.abs(np.asarray(bad) - _torch_logits(hf, tokens)).max()) > 1e-3
 
 
 def test_q_lora_and_unscanned_match_torch():
