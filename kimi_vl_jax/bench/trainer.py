@@ -4,7 +4,8 @@
 
 One Kimi-VL joint-pretraining stage of the small preset on generated data (images + text).
 - bare: the stage's jitted step over pre-built, pre-placed batches, dispatched back to back and
-  blocked once at the end (what the device alone needs);
+  blocked once at the end (what the device alone needs), timed before and after the loop run
+  (the mean is reported, so a drifting machine load biases neither side);
 - loop: ``loop.run_stage`` (data built on a background thread, global batch assembly, metrics
   fetched and written every step as JSONL + TensorBoard, async Orbax checkpoint every K steps),
   timed from the metrics records' wall-clock stamps over the steps after warm-up.
@@ -70,12 +71,15 @@ def main(argv):
   for b in batches[:warm]:
     st, m = prep.jitted(st, b)
   jax.block_until_ready((st, m))
-  t0 = time.perf_counter()
-  for b in batches[warm:]:
-    st, m = prep.jitted(st, b)
-  jax.block_until_ready((st, m))
-  bare = (time.perf_counter() - t0) / n
-  del st, batches, prep
+
+  def time_bare(st):
+    t0 = time.perf_counter()
+    for b in batches[warm:]:
+      st, m = prep.jitted(st, b)
+    jax.block_until_ready((st, m))
+    return (time.perf_counter() - t0) / n, st
+
+  bare_before, st = time_bare(st)
 
   # Loop: everything a real stage does.
   with tempfile.TemporaryDirectory() as workdir:
@@ -85,8 +89,13 @@ def main(argv):
             if 'loss' in r]
     times = {r['step']: r['time'] for r in rows}
     loop_step = (times[total] - times[warm]) / n
+  # Bare again after the loop: on a shared machine the load drifts, so the loop is compared
+  # with the mean of the bare timings on either side of it.
+  bare_after, st = time_bare(st)
+  bare = (bare_before + bare_after) / 2
   result = {'loop_step_s': round(loop_step, 5), 'bare_step_s': round(bare, 5),
-            'overhead': round(loop_step / bare - 1.0, 4), 'steps': n, 'warmup': warm,
+            'overhead': round(loop_step / bare - 1.0, 4),
+            'bare_before_s': round(bare_before, 5), 'bare_after_s': round(bare_after, 5), 'steps': n, 'warmup': warm,
             'checkpoint_every': _CKPT.value, 'preset': _PRESET.value,
             'global_batch': _BATCH.value, 'seq_len': _SEQ.value,
             'devices': jax.device_count(), 'platform': jax.devices()[0].platform}
