@@ -38,7 +38,7 @@ from kimi_vl_jax.ops.moe_layout import _clean, _rank_within_expert, _take_rows, 
 # E / 8 experts), the cold group's fine. Each ladder is cut at, and closed by, the bound that
 # always fits. (Every rung is a compiled branch: about a second of compile time each on CPU.)
 HOT_LADDER = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
-COLD_LADDER = (0.75, 0.875, 1.0, 1.0625, 1.125, 1.25, 1.5, 2.0)
+COLD_LADDER = (0.75, 0.875, 1.0, 1.0625, 1.125, 1.25, 1.5, 2.0, 2.5, 3.0)
 
 
 def group_starts(num_experts: int) -> tuple[int, ...]:
