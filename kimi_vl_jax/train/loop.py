@@ -90,16 +90,23 @@ def run_experiment(config, workdir: str, stages: Optional[Sequence[str]] = None,
       if summary.get('interrupted') or preempt.requested:
         logging.info('SIGTERM: saved %s at step %s; exiting', name, summary.get('step', summary.get('steps')))
         return 0
-  all_summaries = _collect_summaries(config, workdir)
-  if jax.process_index() == 0:
-    from kimi_vl_jax.train import evaluate
-    report.run_report(workdir, all_summaries, evaluate.CHANCE)
+      if jax.process_index() == 0:   # refreshed after every stage: a partial run has a report
+        write_run_report(workdir)
   return 0
 
 
-def _collect_summaries(config, workdir):
+def write_run_report(workdir: str) -> dict:
+  """``report.{json,md}`` from the completed stages' checkpoint metadata in ``workdir``."""
+  from kimi_vl_jax.train import evaluate
+  return report.run_report(workdir, collect_summaries(workdir), evaluate.CHANCE)
+
+
+def collect_summaries(workdir: str) -> dict:
+  """{stage: summary} of every stage (curriculum order) with a completed checkpoint."""
   out = {}
-  for name in stages_lib.enabled_stages(config):
+  for name in stages_lib.STAGE_NAMES:
+    if not os.path.isdir(ckpt_lib.stage_dir(workdir, name)):
+      continue
     ck = ckpt_lib.StageCheckpoints(workdir, name)
     meta = ck.read_meta()
     if meta and meta.get('complete'):
@@ -226,6 +233,11 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
     target = state_lib.abstract_state(sh, make)
     st, meta, data_state = ck.restore(target)
     start_step, tokens_seen = int(meta['step']), int(meta.get('tokens_seen', 0))
+    if start_step > stage.steps:
+      raise ValueError(f'config.stages.{stage.name}: the budget of {stage.steps} steps is below '
+                       f'the checkpoint at step {start_step} in {ck.directory}')
+    if start_step == stage.steps:   # interrupted right at the end: the final save redoes it
+      ck.manager.delete(start_step)
     if data_state is not None:
       base_source.set_state(data_state)
     example = base_source.next()

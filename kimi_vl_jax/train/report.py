@@ -1,5 +1,8 @@
 """Stage and run reports: a PNG of loss and eval curves, a markdown summary and ``report.json``.
 
+``python -m kimi_vl_jax.train.report --workdir=DIR`` rewrites the run report from the
+checkpoints (the loop also does after every stage).
+
 ``<workdir>/<stage>/metrics.jsonl`` (written by MetricsWriter) is the only input for the curves;
 eval results come from each stage's final checkpoint metadata, so a resumed or partially re-run
 curriculum still produces the full report.
@@ -105,3 +108,17 @@ def run_report(workdir: str, stage_summaries: dict, accuracy_tasks: dict) -> dic
   with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
     f.write('\n'.join(lines) + '\n')
   return report
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from kimi_vl_jax.train import loop
+  out = loop.write_run_report(flags.FLAGS.workdir)
+  print(json.dumps(out['tasks'], indent=2))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('workdir', None, 'Training workdir.', required=True)
+  app.run(main)
