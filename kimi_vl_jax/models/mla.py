@@ -23,6 +23,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import FrozenConfigDict
 
 from kimi_vl_jax.models.norms import RMSNorm
@@ -81,12 +82,25 @@ class MLA(nn.Module):
     h, dn, r, dv = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                     cfg.v_head_dim)
     c = cfg.kv_lora_rank
-    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    init = nn.initializers.normal(cfg.initializer_range)
+    dtype = jnp.dtype(cfg.dtype)
 
     def dense(features, axes, name, axis=-1):
-      return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                             kernel_init=nn.with_logical_partitioning(init, axes), name=name)
+      """A bias-free projection contracting the trailing ``axis`` of x with a kernel [*in, *features].
+
+      Own kernel + einsum instead of nn.DenseGeneral: DenseGeneral initializes multi-dim kernels
+      flat and reshapes, which breaks logical sharding constraints on the boxed kernel.
+      """
+      features = (features,) if isinstance(features, int) else tuple(features)
+      axis = (axis,) if isinstance(axis, int) else tuple(axis)
+
+      def apply(x):
+        in_shape = tuple(x.shape[a] for a in axis)
+        w = _Kernel(in_shape + features, axes, cfg.initializer_range, cfg.param_dtype, name=name)()
+        x2 = x.reshape(x.shape[:x.ndim - len(in_shape)] + (-1,)).astype(dtype)
+        y = x2 @ w.reshape(-1, int(np.prod(features))).astype(dtype)
+        return y.reshape(y.shape[:-1] + features)
+
+      return apply
 
     x_bsd = x_bsd.astype(dtype)
     b_sz, s_len = x_bsd.shape[:2]

@@ -134,3 +134,23 @@ def test_describe_counts_a3b():
   counts = count_params(variables, spec)
   assert abs(counts['total'] / 1e9 - 15.96) < 0.01, counts['total']
   assert 2.8 < counts['active'] / 1e9 < 2.95, counts['active']
+
+
+def test_sharded_forward_matches_single_device(scanned):
+  # Params sharded by their logical names (fsdp 2 x tensor 4), batch over fsdp, the
+  # activation constraints active: same logits as one device.
+  from jax.sharding import Mesh
+  from kimi_vl_jax.parallel import sharding as shard_lib
+  from kimi_vl_jax.parallel.rules import LOGICAL_AXIS_RULES
+  cfg, model, variables, apply = scanned
+  tokens, seg, pos = _batch()
+  ref, _ = apply(variables, tokens, seg, pos)
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 2, 1, 4), ('data', 'fsdp', 'expert', 'tensor'))
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), *_batch())
+  shardings = shard_lib.fitted_param_shardings(abstract, mesh)
+  sharded_vars = jax.device_put(variables, shardings)
+  batch = [jax.device_put(x, shard_lib.batch_sharding(mesh, 2)) for x in (tokens, seg, pos)]
+  assert sharded_vars['params']['lm_head']['kernel'].sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    out, _ = jax.jit(model.apply)(sharded_vars, *batch)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=1e-5)
