@@ -6,7 +6,7 @@ import chex
 import jax
 import optax
 
-from kimi_vl_jax.train import checkpoint as ckpt_lib, state as state_lib, step as step_lib
+from kimi_vl_jax.train import checkpoint as ckpt_lib, step as step_lib
 
 
 def test_restore_on_smaller_mesh_and_keep_last(toy, tmp_path):
