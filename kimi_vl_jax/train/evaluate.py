@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,9 +75,8 @@ def make_greedy(task, max_new: int):
   model = task.model
 
   def hidden(variables, tokens, seg, pos, kwargs):
-    with nn.intercept_methods(tasks_lib._hidden_interceptor):
-      out, _ = model.apply(variables, tokens, seg, pos, **kwargs)
-    return out
+    _, h, _ = tasks_lib.apply_with_hidden(model, variables, (tokens, seg, pos), kwargs)
+    return h
 
   def fn(params, extra, batch):
     variables = {'params': params, **extra}

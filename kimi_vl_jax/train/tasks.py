@@ -13,7 +13,8 @@ Batch keys (host numpy, leading axis B):
 The LM loss is next-token CE over ``loss_mask``-ed targets (``losses.shift_targets``) plus
 ``seq_balance_loss_alpha * balance_loss``. With ``train.loss_vocab_chunk > 0`` the CE is computed
 chunk by chunk over the vocabulary from the final hidden states (``losses.chunked_cross_entropy``):
-the LM's ``lm_head`` call is intercepted to return its input, so full logits never exist.
+the LM's final hidden states are recorded (``apply_with_hidden``) and the unused logits are
+dropped by XLA, so full logits never exist.
 """
 from __future__ import annotations
 
@@ -32,11 +33,28 @@ PATCH_KEYS = ('patches', 'patch_segment_ids', 'patch_rows', 'patch_cols', 'patch
               'patch_grid_w')
 
 
-def _hidden_interceptor(next_fun, args, kwargs, context):
-  """Returns lm_head's input (the normed hidden states) instead of its logits."""
-  if context.method_name == '__call__' and context.module.name == 'lm_head':
-    return args[0]
-  return next_fun(*args, **kwargs)
+def apply_with_hidden(model, variables, args, kwargs):
+  """``model.apply`` that also returns the LM's final normed hidden states [B, S, D].
+
+  The output of the MoeLM's final ``norm`` is recorded by a method interceptor, so any model
+  that contains a MoeLM works. When the caller then ignores the logits, XLA drops the lm_head
+  matmul (dead code under jit): the full [B, S, V] logits are never computed.
+  """
+  from kimi_vl_jax.models.lm import MoeLM
+  seen = []
+
+  def record(next_fun, a, kw, context):
+    out = next_fun(*a, **kw)
+    if (context.method_name == '__call__' and context.module.name == 'norm'
+        and isinstance(context.module.parent, MoeLM)):
+      seen.append(out)
+    return out
+
+  with nn.intercept_methods(record):
+    logits, aux = model.apply(variables, *args, **kwargs)
+  if len(seen) != 1:
+    raise ValueError(f'expected one MoeLM final norm call, saw {len(seen)}')
+  return logits, seen[0], aux
 
 
 def lm_objective(logits_or_hidden, lm_head_kernel, batch, aux, lm_cfg, vocab_chunk: int,
@@ -63,9 +81,10 @@ def lm_objective(logits_or_hidden, lm_head_kernel, batch, aux, lm_cfg, vocab_chu
 
 
 def _apply_lm_like(model, variables, args, kwargs, vocab_chunk: int):
+  """(logits or, with vocab_chunk > 0, hidden states; aux)."""
   if vocab_chunk > 0:
-    with nn.intercept_methods(_hidden_interceptor):
-      return model.apply(variables, *args, **kwargs)
+    _, hidden, aux = apply_with_hidden(model, variables, args, kwargs)
+    return hidden, aux
   return model.apply(variables, *args, **kwargs)
 
 
