@@ -7,12 +7,13 @@
 One run measures, side by side on the same devices:
 
 1. Step time: the full jitted train step (forward, backward, grad clip, optimizer update,
-   router-bias update) with Muon and with AdamW, alternating A/M/A/M over ``--time_reps``
-   repetitions on one fixed batch of ``--time_batch`` x ``--time_seq_len`` tokens (default
-   4 x 512, the LM issue's bench batch); the median per optimizer gives
-   ``muon_step_time_ratio_vs_adamw`` (target <= 1.15). Muon's Newton-Schulz work is fixed per
-   step (~60 GFLOP here: 3 MoE layers x 64 experts x 3 matrices of 128 x 256), while the
-   model's work grows with tokens, so the ratio falls as tokens per step grow.
+   router-bias update; params, router and optimizer state donated) with Muon and with AdamW,
+   alternating A/M/A/M over ``--time_reps`` repetitions on one fixed batch of
+   ``--time_batch`` x ``--time_seq_len`` tokens (default 4 x 512, the LM issue's bench
+   batch); the median per optimizer gives ``muon_step_time_ratio_vs_adamw`` (target
+   <= 1.15). Muon's Newton-Schulz work is fixed per step (~75 GFLOP here, 60 of them the
+   3 MoE layers x 64 experts x 3 matrices of 128 x 256), while the model's work grows with
+   tokens, so the ratio falls as tokens per step grow.
 2. Quality: for each optimizer and each lr of the 3-point sweep ``--lrs``, ``--steps`` steps
    from the same init on the same stream of generated text (``data.generated`` 'text'
    documents, UTF-8 byte tokens, so ids < 256 of the 8192 vocab), warmup 10% + cosine to
@@ -31,6 +32,7 @@ Muon's pre-lr direction at the end of the best run; ~0.2 by design) and the raw 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -72,9 +74,11 @@ def next_token_loss(model, params, router, tokens_bs1):
 
 
 def make_step(model, tx, clip: float, bias_rate: float):
+  """(chained tx, jitted step). The step donates params, router and optimizer state (as a
+  trainer does), so both optimizers update in place; pass ``fresh`` copies of reused trees."""
   tx = optax.chain(optax.clip_by_global_norm(clip), tx)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def step(params, router, opt_state, tokens, lr):
     (loss, aux), grads = jax.value_and_grad(
         lambda p: next_token_loss(model, p, router, tokens), has_aux=True)(params)
@@ -84,6 +88,11 @@ def make_step(model, tx, clip: float, bias_rate: float):
     return params, router, opt_state, loss
 
   return tx, step
+
+
+def fresh(tree):
+  """A copy of ``tree``'s arrays, to hand to a step that donates its inputs."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def optim_cfg(name: str, steps: int):
@@ -128,7 +137,7 @@ def main(argv=None) -> dict:
 
   # 1. Step time, alternating the two optimizers on one batch (after a compile + warm step).
   times = {'adamw': [], 'muon': []}
-  state = {n: (params0, router0, opt_states[n]) for n in times}
+  state = {n: fresh((params0, router0, opt_states[n])) for n in times}
   for rep in range(args.time_reps + 1):
     for name in times:
       t0 = time.perf_counter()
@@ -147,7 +156,7 @@ def main(argv=None) -> dict:
   curves, final, update_rms = {}, {}, {}
   for name in ('adamw', 'muon') if args.steps else ():
     for lr in lrs:
-      params, router, opt_state = params0, router0, opt_states[name]
+      params, router, opt_state = fresh((params0, router0, opt_states[name]))
       losses = []
       for i in range(args.steps):
         params, router, opt_state, loss = steps_fns[name](params, router, opt_state, train[i], lr)
