@@ -28,7 +28,10 @@ def _cmd(workdir, steps, every):
 
 def _env():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+  # Single-threaded Eigen: threaded CPU dots/reductions may split work by load, which moves
+  # the last bits between processes; bitwise resume is a property of the trainer, not of that.
+  env['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false '
+                      'intra_op_parallelism_threads=1')
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 
