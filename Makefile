@@ -20,7 +20,7 @@ test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/python -m kimi_vl_jax.main --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(BIN)/python -m kimi_vl_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train
 
 describe: $(STAMP)
 	$(BIN)/python -m kimi_vl_jax.main --config=experiments/kimi_vl_a3b.py --mode=describe --workdir=workdir/describe
