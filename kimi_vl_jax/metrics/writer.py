@@ -75,7 +75,10 @@ class MetricsWriter:
     if self._first_step is None:
       self._first_step = step
       self._start = time.monotonic()
-    shown = ' '.join(f'{k}={_fmt(v)}' for k, v in list(values.items())[:8])
+    # The line has room for 8 values: the headline ones first, then the rest in order.
+    ordered = sorted(values.items(), key=lambda kv: (kv[0] not in _HEADLINE, _HEADLINE.index(kv[0])
+                                                      if kv[0] in _HEADLINE else 0))
+    shown = ' '.join(f'{k}={_fmt(v)}' for k, v in ordered[:8])
     if not self.total_steps:
       return f'step {step} {shown}'
     done = step - self._first_step
@@ -98,6 +101,9 @@ class MetricsWriter:
 
   def __exit__(self, *exc):
     self.close()
+
+
+_HEADLINE = ('loss', 'lr', 'grad_norm', 'tokens_per_s', 'mfu')
 
 
 def _fmt(v: float) -> str:

@@ -117,3 +117,13 @@ def test_enabled_by_default_on_process_zero(tmp_path):
   w.write(0, {'x': 1})
   w.close()
   assert json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[0])['x'] == 1.0
+
+
+def test_progress_line_puts_loss_first_among_many_metrics(tmp_path):
+  w = MetricsWriter(str(tmp_path), tensorboard=False, progress=False, enabled=True)
+  values = {f'a{i}': float(i) for i in range(10)}
+  values['loss'] = 2.5
+  line = w.progress_line(3, values)
+  w.close()
+  assert line.startswith('step 3 loss=2.5 ')
+  assert len(line.split()) == 2 + 8
