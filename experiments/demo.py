@@ -21,6 +21,17 @@ _SOURCES = ';'.join([
 _EVAL = ('vqa', 'counting', 'ocr', 'caption_ppl')
 
 
+def _fine_tune(stage, *, steps, lr, end_lr, warmup, mixture, evals=None):
+  """One SFT-style stage: budget, lr schedule, mixture and (optionally) its evals."""
+  stage.steps = steps
+  stage.lr = lr
+  stage.end_lr = end_lr
+  stage.warmup_steps = warmup
+  stage.mixture = mixture
+  if evals is not None:
+    stage.eval = evals
+
+
 def get_config(arg=None):
   del arg
   c = base_config('small')
@@ -51,21 +62,10 @@ def get_config(arg=None):
   s.long_context_2.steps = 2
   s.long_context_2.global_batch = 8
   s.long_context_2.mixture = 'text=1,needle=1,shapes=1,ocr=1'
-  s.sft_1.steps = 100
-  s.sft_1.lr = 1e-3
-  s.sft_1.end_lr = 1e-4
-  s.sft_1.warmup_steps = 5
-  s.sft_1.mixture = 'shapes=3,ocr=2,charts=1,math=1'
-  s.sft_1.eval = _EVAL
-  s.sft_2.steps = 10
-  s.sft_2.lr = 5e-4
-  s.sft_2.end_lr = 5e-5
-  s.sft_2.warmup_steps = 2
-  s.sft_2.mixture = 'shapes=3,ocr=2,charts=1,math=1'
-  s.long_cot_sft.steps = 10
-  s.long_cot_sft.lr = 5e-4
-  s.long_cot_sft.end_lr = 5e-5
-  s.long_cot_sft.warmup_steps = 2
-  s.long_cot_sft.mixture = 'math=1,shapes=1,ocr=1'
-  s.long_cot_sft.eval = _EVAL
+  _fine_tune(s.sft_1, steps=100, lr=1e-3, end_lr=1e-4, warmup=5,
+             mixture='shapes=3,ocr=2,charts=1,math=1', evals=_EVAL)
+  _fine_tune(s.sft_2, steps=10, lr=5e-4, end_lr=5e-5, warmup=2,
+             mixture='shapes=3,ocr=2,charts=1,math=1')
+  _fine_tune(s.long_cot_sft, steps=10, lr=5e-4, end_lr=5e-5, warmup=2,
+             mixture='math=1,shapes=1,ocr=1', evals=_EVAL)
   return c
