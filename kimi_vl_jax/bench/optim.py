@@ -47,8 +47,10 @@ from ml_collections import FrozenConfigDict
 from kimi_vl_jax.config import base_config
 from kimi_vl_jax.data import generated
 from kimi_vl_jax.models.lm import MoeLM
+from kimi_vl_jax.bench.lm import make_matmul_peak
 from kimi_vl_jax.models.moe import update_router_bias
 from kimi_vl_jax.optim import build_optimizer
+from kimi_vl_jax.optim import routes as routes_lib
 
 EVAL_BATCHES = 8
 
@@ -93,6 +95,23 @@ def make_step(model, tx, clip: float, bias_rate: float):
 def fresh(tree):
   """A copy of ``tree``'s arrays, to hand to a step that donates its inputs."""
   return jax.tree.map(jnp.copy, tree)
+
+
+def newton_schulz_flops(boxed_params, ns_steps: int) -> int:
+  """FLOPs of one Muon update's Newton-Schulz iterations over every Muon matrix of the model.
+
+  Per matrix of shape (A, B), with m = min(A, B) and n = max(A, B) (the wide orientation), one
+  iteration is X X^T (2 m^2 n), S^2 (2 m^3) and poly(S) X (2 m^2 n); stacks count per matrix.
+  """
+  total = 0
+  for r in jax.tree.leaves(routes_lib.route_params(boxed_params),
+                           is_leaf=lambda x: isinstance(x, routes_lib.Route)):
+    if r.treatment != 'muon':
+      continue
+    m, n = sorted(r.matrix_shape)
+    count = int(np.prod([r.shape[a] for a in r.batch])) if r.batch else 1
+    total += ns_steps * count * (4 * m * m * n + 2 * m ** 3)
+  return total
 
 
 def optim_cfg(name: str, steps: int):
@@ -148,9 +167,15 @@ def main(argv=None) -> dict:
       state[name] = out[:3]
   step_s = {n: statistics.median(v) for n, v in times.items()}
   ratio = step_s['muon'] / step_s['adamw']
+  peak_flops = make_matmul_peak()()
+  ns_flops = newton_schulz_flops(boxed, base_config('bench').optim.ns_steps)
+  floor = (step_s['adamw'] + ns_flops / peak_flops) / step_s['adamw']
   print(f'step time ({args.time_batch}x{args.time_seq_len} tokens, median of {args.time_reps}): '
         f'adamw {step_s["adamw"] * 1e3:.0f} ms, muon {step_s["muon"] * 1e3:.0f} ms, '
         f'ratio {ratio:.3f}', flush=True)
+  print(f'Newton-Schulz: {ns_flops / 1e9:.1f} GFLOP/step; at the measured fp32 matmul peak of '
+        f'{peak_flops / 1e9:.0f} GFLOP/s it alone takes {ns_flops / peak_flops * 1e3:.0f} ms: '
+        f'ratio floor {floor:.3f}', flush=True)
 
   # 2. Loss after a fixed budget, 3-point lr sweep per optimizer (--steps 0: timing only).
   curves, final, update_rms = {}, {}, {}
@@ -181,6 +206,8 @@ def main(argv=None) -> dict:
       'muon_best_lr': best['muon'], 'adamw_best_lr': best['adamw'],
       'muon_update_rms': round(update_rms[('muon', best['muon'])]['muon'], 4) if final else None,
       'muon_step_ms': round(step_s['muon'] * 1e3, 1), 'adamw_step_ms': round(step_s['adamw'] * 1e3, 1),
+      'muon_ratio_floor_at_peak': round(floor, 4), 'ns_gflop_per_step': round(ns_flops / 1e9, 2),
+      'matmul_peak_gflops': round(peak_flops / 1e9, 1),
       'time_tokens_per_step': args.time_batch * args.time_seq_len,
       'train_tokens_per_step': args.batch * args.seq_len, 'steps': args.steps,
       'sweep': {f'{n}@{lr:g}': round(v, 4) for (n, lr), v in final.items()},

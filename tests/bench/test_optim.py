@@ -17,3 +17,14 @@ def test_text_batches_are_deterministic_bytes_and_splits_differ():
 def test_optim_cfg_keeps_lr_one_for_the_sweep():
   c = bench_optim.optim_cfg('muon', 30)
   assert (c.name, c.lr, c.warmup_steps, c.schedule) == ('muon', 1.0, 3, 'cosine')
+
+
+def test_newton_schulz_flops_counts_each_matrix_of_a_stack_on_its_wide_side():
+  import numpy as np
+  params = {'w': np.zeros((4, 8)), 'experts': {'w_edf': np.zeros((3, 8, 16))},
+            'norm': {'scale': np.zeros((8,))}}
+  routes = bench_optim.routes_lib.route_params(params)
+  assert routes['experts']['w_edf'].treatment == 'muon'
+  per_iter_2d = 4 * 4 * 4 * 8 + 2 * 4 ** 3         # m=4, n=8
+  per_iter_e = 4 * 8 * 8 * 16 + 2 * 8 ** 3          # m=8, n=16, 3 matrices
+  assert bench_optim.newton_schulz_flops(params, 5) == 5 * (per_iter_2d + 3 * per_iter_e)
