@@ -1,7 +1,8 @@
 """Logical annotations -> NamedSharding, for parameter trees and for batches."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -100,3 +101,17 @@ def make_global_batch(local_batch: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) ->
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x), rules), x),
       local_batch)
+
+
+@contextlib.contextmanager
+def activation_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[None]:
+  """Trace model code under this: the mesh is ambient and logical constraints are live.
+
+  ``jax.set_mesh`` makes the mesh visible to code that asks for it while tracing (expert
+  parallelism's ``shard_map`` all-to-all, ``models/moe.py``) and ``nn.logical_axis_rules``
+  turns the modules' ``nn.with_logical_constraint`` annotations into sharding constraints
+  through the one rules table. Without it activations are left to GSPMD and experts on an
+  'expert' axis are computed from gathered weights instead of exchanged tokens.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield

@@ -146,7 +146,8 @@ class Evaluator:
       self._cache = {key: jax.jit(make_greedy(task, self.max_new))}
     host = {k: v for k, v in rows.items()}
     dev = shard_lib.make_global_batch(host, mesh)
-    new = np.asarray(jax.device_get(self._cache[key](state.params, state.extra, dev)))
+    with shard_lib.activation_context(mesh):
+      new = np.asarray(jax.device_get(self._cache[key](state.params, state.extra, dev)))
     end = tok.token_id(st.IM_END)
     texts = []
     for row in new[:len(records)]:
@@ -183,7 +184,9 @@ class Evaluator:
     key = ('ppl', stage.name, id(task), n, seq)
     if key not in self._cache:
       self._cache[key] = jax.jit(lambda p, e, b: task.loss(p, e, b, None))
-    obj, aux = self._cache[key](state.params, state.extra, shard_lib.make_global_batch(batch, mesh))
+    with shard_lib.activation_context(mesh):
+      obj, aux = self._cache[key](state.params, state.extra,
+                                  shard_lib.make_global_batch(batch, mesh))
     return float(np.exp(float(obj) / max(float(aux['sums']['denom']), 1.0)))
 
 

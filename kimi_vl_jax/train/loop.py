@@ -168,10 +168,21 @@ class _LazyJit:
   def __init__(self, step_fn, shardings, mesh):
     self.step_fn, self.shardings, self.mesh, self.fn = step_fn, shardings, mesh, None
 
-  def __call__(self, state, batch):
+  def _jitted(self, batch):
     if self.fn is None:
       self.fn = step_lib.jit_train_step(self.step_fn, self.shardings, batch, self.mesh)
-    return self.fn(state, batch)
+    return self.fn
+
+  def __call__(self, state, batch):
+    fn = self._jitted(batch)
+    with shard_lib.activation_context(self.mesh):   # traced (first call) under the mesh
+      return fn(state, batch)
+
+  def lower(self, state, batch):
+    """The step lowered exactly as ``__call__`` traces it (for HLO inspection)."""
+    fn = self._jitted(batch)
+    with shard_lib.activation_context(self.mesh):
+      return fn.lower(state, batch)
 
 
 @dataclasses.dataclass
