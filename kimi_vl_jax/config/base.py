@@ -104,6 +104,7 @@ def stage_block(**overrides) -> ml_collections.ConfigDict:
       tokens=0,                  # budget in (padded) tokens = steps * global_batch * seq_len
       global_batch=0,            # 0 = train.global_batch
       seq_len_scale=1,           # rows of train.seq_len * scale tokens (long context: 4, 16)
+      max_patches_per_row=0,     # patch slots per row in this stage (0 = data.max_patches_per_row)
       lr=0.0,                    # peak lr (0 = optim.lr)
       end_lr=-1.0,               # final lr (-1 = lr * optim.end_lr_ratio)
       warmup_steps=-1,           # -1 = optim.warmup_steps

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import random
 from typing import Optional
@@ -51,7 +52,7 @@ class CaptionSource:
     self.bos, self.eos = self.tok.bos_id, self.tok.eos_id
     self.rows = stage.global_batch // jax.process_count()
     self.row_offset = jax.process_index() * self.rows
-    self.patches = int(config.data.max_patches_per_row)
+    self.patches = int(stage.patches_per_row)
     self.max_side = int(t.image_max_side)
     self.image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision)
     self.caption_len = min(int(t.caption_len), int(config.model.coca.max_len))
@@ -126,6 +127,9 @@ class PipelineSource:
     from kimi_vl_jax.data import pipeline
     self.tok = load_or_train(config.data.tokenizer, config.model.lm.vocab_size,
                              config.data.tokenizer_cache)
+    if stage.patches_per_row != config.data.max_patches_per_row:
+      config = copy.deepcopy(config)       # this stage's patch buffer (stage.max_patches_per_row)
+      config.data.max_patches_per_row = stage.patches_per_row
     self.dataset = pipeline.build_dataset(config, stage=stage.name, stage_steps=stage.steps,
                                           tokenizer=self.tok, seq_len=stage.seq_len,
                                           global_batch=stage.global_batch)

@@ -119,7 +119,7 @@ class Evaluator:
     tok = load_or_train(config.data.tokenizer, config.model.lm.vocab_size, config.data.tokenizer_cache)
     image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision,
                                                            config.data.in_token_limit)
-    patches = int(config.data.max_patches_per_row) if stage.task == 'kimi_vl' else 0
+    patches = stage.patches_per_row if stage.task == 'kimi_vl' else 0
     out = {}
     for name in stage.block.eval:
       if name == 'caption_ppl':

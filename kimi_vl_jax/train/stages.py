@@ -36,6 +36,7 @@ class Stage:
   steps: int
   global_batch: int
   seq_len: int
+  patches_per_row: int       # patch slots per packed row (images of a row share them)
   model: Any                 # model config with this stage's changes
   optim: Any                 # optim config with this stage's lr / schedule / trainable
   trainable: tuple
@@ -97,7 +98,9 @@ def resolve(config, name: str) -> Stage:
     optim.schedule = b.schedule
   rate = b.router_bias_rate if b.router_bias_rate >= 0 else config.model.lm.router_bias_update_rate
   return Stage(name=name, index=STAGE_NAMES.index(name), block=b, task=b.task, steps=int(steps),
-               global_batch=int(batch), seq_len=int(seq), model=model, optim=optim,
+               global_batch=int(batch), seq_len=int(seq),
+               patches_per_row=int(b.max_patches_per_row or config.data.max_patches_per_row),
+               model=model, optim=optim,
                trainable=tuple(b.trainable), router_bias_rate=float(rate))
 
 
@@ -146,11 +149,14 @@ def _check_stages(config):
       continue
     if b.task not in TASKS:
       raise ConfigError(f'{key}.task: must be one of {", ".join(TASKS)}; got {b.task!r}')
-    for k in ('steps', 'tokens', 'global_batch', 'eval_every'):
+    for k in ('steps', 'tokens', 'global_batch', 'eval_every', 'max_patches_per_row'):
       if not isinstance(b[k], int) or b[k] < 0:
         raise ConfigError(f'{key}.{k}: must be an integer >= 0, got {b[k]!r}')
     if b.steps == 0 and b.tokens == 0:
       raise ConfigError(f'{key}: set a budget (steps or tokens > 0) or enabled=False')
+    if b.max_patches_per_row % 4:
+      raise ConfigError(f'{key}.max_patches_per_row: {b.max_patches_per_row} must be a multiple '
+                        'of 4 (2x2 merge blocks)')
     if not isinstance(b.seq_len_scale, int) or b.seq_len_scale < 1:
       raise ConfigError(f'{key}.seq_len_scale: must be an integer >= 1, got {b.seq_len_scale!r}')
     seq = config.train.seq_len * b.seq_len_scale

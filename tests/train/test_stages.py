@@ -127,3 +127,30 @@ def test_stage_validation_names_the_key():
   c.stages.long_context_2.seq_len_scale = 64
   with pytest.raises(ConfigError, match=r'long_context_2.seq_len_scale'):
     validate(c)
+  c = _config()
+  c.stages.vit_pretrain.max_patches_per_row = 30
+  with pytest.raises(ConfigError, match=r'config.stages.vit_pretrain.max_patches_per_row: 30'):
+    validate(c)
+
+
+def test_stage_patch_buffer_overrides_the_data_default():
+  """``stages.<name>.max_patches_per_row`` sizes that stage's rows (ViT pretraining: many small
+  rows of one image each; SFT: several images per row); 0 inherits ``data.max_patches_per_row``."""
+  from kimi_vl_jax.train import data as data_lib
+  c = _config()
+  c.stages.vit_pretrain.max_patches_per_row = 16
+  c.stages.sft_1.max_patches_per_row = 128
+  validate(c)
+  vit, joint, sft = (stages_lib.resolve(c, n) for n in ('vit_pretrain', 'joint_pretrain', 'sft_1'))
+  assert (vit.patches_per_row, joint.patches_per_row, sft.patches_per_row) == (16, 64, 128)
+  batch = data_lib.make_source(c, vit).next()
+  assert batch['patches'].shape[:2] == (8, 16)
+  # A 16-slot row holds a 2x2 merge grid at most: images are drawn at most 56 px on a side.
+  assert batch['patch_grid_h'].max() <= 4 and batch['patch_grid_w'].max() <= 4
+  src = data_lib.make_source(c, sft)
+  try:
+    batch = src.next()
+  finally:
+    getattr(src.dataset, 'close', lambda: None)()
+  assert batch['patches'].shape[:2] == (8, 128)
+  assert c.data.max_patches_per_row == 64      # the experiment config is not mutated
