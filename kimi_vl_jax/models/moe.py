@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import FrozenConfigDict
 
+from kimi_vl_jax.models.mlp import MLP
 from kimi_vl_jax.ops import moe_dispatch
 from kimi_vl_jax.ops.moe_ep import expert_parallel_size, expert_parallel_ffn
 
@@ -161,24 +162,6 @@ class RoutedExperts(nn.Module):
     return w_gate, w_up, w_down
 
 
-class SharedExperts(nn.Module):
-  """SwiGLU MLP of width n_shared_experts * moe_intermediate_size (HF ``shared_experts``)."""
-  config: FrozenConfigDict
-
-  @nn.compact
-  def __call__(self, x_btd):
-    cfg = self.config
-    width = cfg.n_shared_experts * cfg.moe_intermediate_size
-    init = nn.initializers.normal(cfg.initializer_range)
-    dense = lambda name, feats, axes: nn.Dense(
-        feats, use_bias=False, name=name, dtype=jnp.dtype(cfg.dtype),
-        param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=nn.with_logical_partitioning(init, axes))
-    g = dense('gate_proj', width, ('embed', 'mlp'))(x_btd)
-    u = dense('up_proj', width, ('embed', 'mlp'))(x_btd)
-    h = nn.with_logical_constraint(jax.nn.silu(g) * u, ('batch', 'length', 'act_mlp'))
-    return dense('down_proj', cfg.hidden_size, ('mlp', 'embed'))(h)
-
-
 class MoEBlock(nn.Module):
   """Routed experts + shared experts. ``__call__(x_btd, segment_ids_bt) -> (y_btd, aux)``.
 
@@ -218,7 +201,11 @@ class MoEBlock(nn.Module):
 
     y_btd = routed_td.reshape(b, s, d)
     if cfg.n_shared_experts > 0:
-      y_btd = y_btd + SharedExperts(cfg, name='shared_experts')(x_btd).astype(jnp.float32)
+      # HF ``shared_experts``: one SwiGLU of n_shared_experts * moe_intermediate_size.
+      shared = MLP(cfg.n_shared_experts * cfg.moe_intermediate_size, dtype=cfg.dtype,
+                   param_dtype=cfg.param_dtype, initializer_range=cfg.initializer_range,
+                   name='shared_experts')
+      y_btd = y_btd + shared(x_btd).astype(jnp.float32)
 
     balance = jnp.float32(0.0)
     if cfg.seq_balance_loss_alpha > 0:
