@@ -46,24 +46,30 @@ def get_config(arg=None):
   c.optim.warmup_steps = 10
   c.model.lm.router_bias_update_rate = 1e-2   # few steps: a faster aux-loss-free balance
   c.data.sources = _SOURCES
-  c.data.max_patches_per_row = 256
+  c.data.max_patches_per_row = 512   # several images per row: more image-question pairs per step
   c.data.in_token_limit = 256
   c.metrics.log_every = 5
   s = c.stages
-  s.vit_pretrain.steps = 40
+  s.vit_pretrain.steps = 100
+  s.vit_pretrain.global_batch = 64          # one image + caption per row: many small rows
+  s.vit_pretrain.max_patches_per_row = 64   # a 112 x 112 image (8 x 8 patches) fills a row
   s.vit_pretrain.image_sides = (56, 112)
-  s.alignment.steps = 30
+  s.vit_pretrain.mixture = 'shapes=2,ocr=2,charts=1'
+  s.alignment.steps = 20
   s.alignment.mixture = 'shapes=1,ocr=1,charts=1'
   s.joint_pretrain.steps = 100
+  s.joint_pretrain.text_only_fraction = 0.1
+  s.joint_pretrain.multimodal_share_start = 0.3
+  s.joint_pretrain.multimodal_share_end = 0.8
   s.cooldown.steps = 20
   s.cooldown.eval = _EVAL
   s.long_context_1.steps = 8
   s.long_context_1.mixture = 'text=1,needle=1,shapes=1,ocr=1'
   s.long_context_2.steps = 2
-  s.long_context_2.global_batch = 8
+  s.long_context_2.global_batch = 2
   s.long_context_2.mixture = 'text=1,needle=1,shapes=1,ocr=1'
-  _fine_tune(s.sft_1, steps=100, lr=1e-3, end_lr=1e-4, warmup=5,
-             mixture='shapes=3,ocr=2,charts=1,math=1', evals=_EVAL)
+  _fine_tune(s.sft_1, steps=150, lr=1e-3, end_lr=1e-4, warmup=5,
+             mixture='shapes=3,ocr=3,charts=1,math=1', evals=_EVAL)
   _fine_tune(s.sft_2, steps=10, lr=5e-4, end_lr=5e-5, warmup=2,
              mixture='shapes=3,ocr=2,charts=1,math=1')
   _fine_tune(s.long_cot_sft, steps=10, lr=5e-4, end_lr=5e-5, warmup=2,
