@@ -13,9 +13,13 @@ _SOURCES = ';'.join([
     'text=generated:text@2#text',
     'math=generated:math@1#text#qa',
     'needle=generated:needle@0#text#long',
-    'shapes=generated:shapes@3#mm#qa',
-    'ocr=generated:ocr@2#mm#qa',
-    'charts=generated:charts@1#mm#qa',
+    # Images at most 112 px on a side (<= 16 LM tokens), the size the held-out evals use.
+    'shapes=generated:shapes?max_side=112@3#mm#qa',
+    'ocr=generated:ocr?max_side=112@2#mm#qa',
+    'charts=generated:charts?max_side=112@1#mm#qa',
+    # Single-task views for the SFT mixtures (weight 0: not in pretraining).
+    'counting=generated:shapes?tasks=count&max_side=112@0#mm#qa',
+    'words=generated:ocr?tasks=ocr_word&max_side=112@0#mm#qa',
 ])
 
 _EVAL = ('vqa', 'counting', 'ocr', 'caption_ppl')
@@ -69,9 +73,9 @@ def get_config(arg=None):
   s.long_context_2.global_batch = 2
   s.long_context_2.mixture = 'text=1,needle=1,shapes=1,ocr=1'
   _fine_tune(s.sft_1, steps=150, lr=1e-3, end_lr=1e-4, warmup=5,
-             mixture='shapes=3,ocr=3,charts=1,math=1', evals=_EVAL)
+             mixture='shapes=2,counting=2,ocr=1,words=2,charts=1,math=1', evals=_EVAL)
   _fine_tune(s.sft_2, steps=10, lr=5e-4, end_lr=5e-5, warmup=2,
-             mixture='shapes=3,ocr=2,charts=1,math=1')
+             mixture='shapes=2,counting=2,ocr=1,words=2,charts=1,math=1')
   _fine_tune(s.long_cot_sft, steps=10, lr=5e-4, end_lr=5e-5, warmup=2,
-             mixture='math=1,shapes=1,ocr=1', evals=_EVAL)
+             mixture='math=2,shapes=1,counting=1,words=1', evals=_EVAL)
   return c
