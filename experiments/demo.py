@@ -9,17 +9,20 @@ counting and OCR is measured after cooldown (pre-SFT) and after each SFT stage;
 """
 from kimi_vl_jax.config import base_config
 
+# Max image side in pixels (<= 16 LM tokens) of every generated image: ViT pretraining, the
+# image sources below and the held-out evals (train.image_max_side).
+_IMAGE_SIDE = 112
+
 _SOURCES = ';'.join([
     'text=generated:text@2#text',
     'math=generated:math@1#text#qa',
     'needle=generated:needle@0#text#long',
-    # Images at most 112 px on a side (<= 16 LM tokens), the size the held-out evals use.
-    'shapes=generated:shapes?max_side=112@3#mm#qa',
-    'ocr=generated:ocr?max_side=112@2#mm#qa',
-    'charts=generated:charts?max_side=112@1#mm#qa',
+    f'shapes=generated:shapes?max_side={_IMAGE_SIDE}@3#mm#qa',
+    f'ocr=generated:ocr?max_side={_IMAGE_SIDE}@2#mm#qa',
+    f'charts=generated:charts?max_side={_IMAGE_SIDE}@1#mm#qa',
     # Single-task views for the SFT mixtures (weight 0: not in pretraining).
-    'counting=generated:shapes?tasks=count&max_side=112@0#mm#qa',
-    'words=generated:ocr?tasks=ocr_word&max_side=112@0#mm#qa',
+    f'counting=generated:shapes?tasks=count&max_side={_IMAGE_SIDE}@0#mm#qa',
+    f'words=generated:ocr?tasks=ocr_word&max_side={_IMAGE_SIDE}@0#mm#qa',
 ])
 
 _EVAL = ('vqa', 'counting', 'ocr', 'caption_ppl')
@@ -43,7 +46,7 @@ def get_config(arg=None):
   c.mesh.data = -1
   c.train.global_batch = 8
   c.train.seq_len = 256
-  c.train.image_max_side = 112
+  c.train.image_max_side = _IMAGE_SIDE
   c.train.eval_examples = 32
   c.train.checkpoint_every = 50
   c.optim.lr = 3e-3            # small model, few steps: a higher peak than Moonlight's 4.2e-4

@@ -35,7 +35,8 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       async_checkpoints=True,
       profile_start=-1,          # step (within each stage) of the first traced step (-1 = off)
       profile_steps=3,
-      image_max_side=224,        # vit_pretrain images: max side in pixels (stage image_sides override)
+      image_max_side=224,        # max image side in pixels of vit_pretrain (stage image_sides
+                                 # override) and of the held-out eval images (train/evaluate.py)
       caption_len=32,            # caption tokens per example in vit_pretrain
       eval_examples=32,          # held-out examples per eval set (train/evaluate.py)
       init_from='',              # first stage starts from: HF Kimi-VL dir or converted Orbax dir

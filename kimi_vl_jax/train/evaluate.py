@@ -105,6 +105,15 @@ def make_greedy(task, max_new: int):
   return fn
 
 
+def eval_dataset(config, ds_name: str, tasks, seq_len: int, split: str = 'eval'):
+  """The held-out generated dataset of an eval set. Images are drawn at most
+  ``train.image_max_side`` pixels on a side (the size an experiment trains its generated image
+  sources at); needle haystacks fill about a third of the stage's row of ``seq_len`` tokens."""
+  kw = ({'length': max(10, seq_len // 3)} if ds_name == 'needle'
+        else {'max_side': int(config.train.image_max_side)})
+  return get_dataset(ds_name, split, config.data.seed, tasks=tasks, **kw)
+
+
 class Evaluator:
   """Callable ``(config, stage, task, state, mesh) -> {metric: value}`` for the loop."""
 
@@ -128,8 +137,7 @@ class Evaluator:
       if name in ('vqa', 'counting', 'ocr') and stage.task != 'kimi_vl':
         continue
       ds_name, tasks = EXACT_MATCH_SETS[name]
-      kw = {'length': max(10, stage.seq_len // 3)} if ds_name == 'needle' else {'max_side': 112}
-      ds = get_dataset(ds_name, self.split, config.data.seed, tasks=tasks, **kw)
+      ds = eval_dataset(config, ds_name, tasks, stage.seq_len, self.split)
       records = [ds[i] for i in range(self.n)]
       texts = self.generate(config, stage, task, state, mesh, tok, image_cfg, patches, records)
       out[f'exact_match/{name}'] = float(np.mean([is_correct(r, t) for r, t in zip(records, texts)]))
@@ -159,7 +167,7 @@ class Evaluator:
 
   def caption_ppl(self, config, stage, task, state, mesh, tok, image_cfg, patches) -> float:
     from kimi_vl_jax.data import examples as examples_lib
-    ds = get_dataset('shapes', self.split, config.data.seed, tasks=('caption',), max_side=112)
+    ds = eval_dataset(config, 'shapes', ('caption',), stage.seq_len, self.split)
     dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
     n = -(-self.n // dp) * dp
     seq = stage.seq_len
