@@ -135,7 +135,10 @@ def _small():
            max_position_embeddings=16384, rope_theta=50000.0,
            attention_block_size=128)  # 128x128 score tiles stay in CPU cache (7x faster than 512)
   vision = _vision(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=4, init_pos_emb_height=16, init_pos_emb_width=16)
+                   num_attention_heads=4, init_pos_emb_height=16, init_pos_emb_width=16,
+                   # Rows of many small images: 512-wide tiles spend 7/8 of the work on
+                   # cross-image pairs; 128-wide ones are 2.7x faster fwd+bwd on CPU.
+                   attention_block_size=128)
   return _preset('small', lm, vision)
 
 

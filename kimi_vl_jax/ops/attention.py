@@ -58,48 +58,57 @@ def _naive(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale):
 
 
 # ------------------------------------------------------------------------------- xla
+#
+# Tiles are head-major ([B, H, b, D]) so every score and value product is a plain batched
+# matmul over (B, H) with the contraction on the minor dim: no per-tile transposes (fwd+bwd
+# ~20% faster on CPU than the [B, b, H, D] layout).
 
 
-def _to_blocks(x, n, b):
-  """[B, n*b, ...] -> [n, B, b, ...]."""
-  x = x.reshape(x.shape[0], n, b, *x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
+def _to_blocks(x_bhsd, n, b):
+  """[B, H, n*b, D] -> [n, B, H, b, D]."""
+  x = x_bhsd.reshape(x_bhsd.shape[0], x_bhsd.shape[1], n, b, x_bhsd.shape[-1])
+  return jnp.moveaxis(x, 2, 0)
 
 
-def _from_blocks(x):
-  """[n, B, b, ...] -> [B, n*b, ...]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+def _ids_to_blocks(x_bs, n, b):
+  """[B, n*b] -> [n, B, b]."""
+  return jnp.moveaxis(x_bs.reshape(x_bs.shape[0], n, b), 1, 0)
+
+
+def _from_blocks(x_nbhqd):
+  """[n, B, H, b, D] -> [B, H, n*b, D]."""
+  n, b_sz, h, bq, d = x_nbhqd.shape
+  return jnp.moveaxis(x_nbhqd, 0, 2).reshape(b_sz, h, n * bq, d)
 
 
 def _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
-  """Forward over blocks. Inputs [n, B, b, H, D] / [n, B, b]; returns o [nq,B,bq,H,Dv], lse [nq,B,H,bq]."""
-  _, b_sz, bq, h, _ = q_n.shape
+  """Forward over tiles. q/k/v [n, B, H, b, D], ids [n, B, b]; returns o [nq, B, H, bq, Dv]
+  and the log-sum-exp [nq, B, H, bq] (0 on rows with no visible key)."""
+  _, b_sz, h, bq, _ = q_n.shape
   dv = v_n.shape[-1]
 
   def q_block(_, xs):
-    q_bqhd, sq_bq, pq_bq = xs
+    q_bhqd, sq_bq, pq_bq = xs
 
     def kv_block(carry, ys):
-      m_bhq, l_bhq, acc_bhqd = carry
-      k_bkhd, v_bkhd, sk_bk, pk_bk = ys
-      ok_bqk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)
+      k_bhkd, v_bhkd, sk_bk, pk_bk = ys
+      ok_b1qk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)[:, None]
 
       def compute(carry):
         m_bhq, l_bhq, acc_bhqd = carry
-        s = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
+        s = jnp.einsum('bhqd,bhkd->bhqk', q_bhqd, k_bhkd,
                        preferred_element_type=jnp.float32) * scale
-        s = jnp.where(ok_bqk[:, None], s, -jnp.inf)
+        s = jnp.where(ok_b1qk, s, -jnp.inf)
         m_new = jnp.maximum(m_bhq, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # all masked so far: no NaN
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m_bhq - m_safe)
         l_new = alpha * l_bhq + jnp.sum(p, axis=-1)
-        pv = jnp.einsum('bhqk,bkhd->bhqd', p.astype(v_bkhd.dtype), v_bkhd,
+        pv = jnp.einsum('bhqk,bhkd->bhqd', p.astype(v_bhkd.dtype), v_bhkd,
                         preferred_element_type=jnp.float32)
         return m_new, l_new, alpha[..., None] * acc_bhqd + pv
 
-      return jax.lax.cond(jnp.any(ok_bqk), compute, lambda c: c, carry), None
+      return jax.lax.cond(jnp.any(ok_b1qk), compute, lambda c: c, carry), None
 
     init = (jnp.full((b_sz, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b_sz, h, bq), jnp.float32),
             jnp.zeros((b_sz, h, bq, dv), jnp.float32))
@@ -107,49 +116,50 @@ def _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
     empty = l == 0   # padding query or no visible key: output zeros
     o_bhqd = acc / jnp.where(empty, 1.0, l)[..., None]
     lse_bhq = jnp.where(empty, 0.0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(empty, 1.0, l)))
-    return None, (jnp.swapaxes(o_bhqd, 1, 2).astype(q_bqhd.dtype), lse_bhq)
+    return None, (o_bhqd.astype(q_bhqd.dtype), lse_bhq)
 
   _, (o_n, lse_n) = jax.lax.scan(q_block, None, (q_n, sq_n, pq_n))
   return o_n, lse_n
 
 
 def _flash_bwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n, do_n, causal, scale):
-  """Backward over blocks (FlashAttention-2 style, scores recomputed); returns dq, dk, dv blocks."""
-  delta_n = jnp.einsum('nbqhd,nbqhd->nbhq', do_n.astype(jnp.float32), o_n.astype(jnp.float32))
+  """Backward over tiles (FlashAttention-2 order: key blocks outside, so dk/dv stay in the
+  inner carry; scores recomputed from the saved log-sum-exp); returns dq, dk, dv tiles."""
+  delta_n = jnp.einsum('nbhqd,nbhqd->nbhq', do_n.astype(jnp.float32), o_n.astype(jnp.float32))
 
-  def q_block(carry, xs):
-    dk_acc, dv_acc = carry
-    q_bqhd, do_bqhd, lse_bhq, delta_bhq, sq_bq, pq_bq = xs
+  def kv_block(dq_n, ys):
+    k_bhkd, v_bhkd, sk_bk, pk_bk = ys
 
-    def kv_block(dq_bqhd, ys):
-      k_bkhd, v_bkhd, sk_bk, pk_bk = ys
-      ok_bqk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)
+    def q_block(carry, xs):
+      q_bhqd, do_bhqd, lse_bhq, delta_bhq, sq_bq, pq_bq = xs
+      ok_b1qk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)[:, None]
 
-      def compute(dq_bqhd):
-        s = jnp.einsum('bqhd,bkhd->bhqk', q_bqhd, k_bkhd,
+      def compute(carry):
+        dk_bhkd, dv_bhkd = carry
+        s = jnp.einsum('bhqd,bhkd->bhqk', q_bhqd, k_bhkd,
                        preferred_element_type=jnp.float32) * scale
-        p = jnp.where(ok_bqk[:, None], jnp.exp(s - lse_bhq[..., None]), 0.0)
-        dv = jnp.einsum('bhqk,bqhd->bkhd', p.astype(do_bqhd.dtype), do_bqhd,
-                        preferred_element_type=jnp.float32)
-        dp = jnp.einsum('bqhd,bkhd->bhqk', do_bqhd, v_bkhd, preferred_element_type=jnp.float32)
+        p = jnp.where(ok_b1qk, jnp.exp(s - lse_bhq[..., None]), 0.0)
+        dv_bhkd = dv_bhkd + jnp.einsum('bhqk,bhqd->bhkd', p.astype(do_bhqd.dtype), do_bhqd,
+                                       preferred_element_type=jnp.float32)
+        dp = jnp.einsum('bhqd,bhkd->bhqk', do_bhqd, v_bhkd, preferred_element_type=jnp.float32)
         ds = p * (dp - delta_bhq[..., None]) * scale
-        dq = jnp.einsum('bhqk,bkhd->bqhd', ds.astype(k_bkhd.dtype), k_bkhd,
+        dk_bhkd = dk_bhkd + jnp.einsum('bhqk,bhqd->bhkd', ds.astype(q_bhqd.dtype), q_bhqd,
+                                       preferred_element_type=jnp.float32)
+        dq = jnp.einsum('bhqk,bhkd->bhqd', ds.astype(k_bhkd.dtype), k_bhkd,
                         preferred_element_type=jnp.float32)
-        dk = jnp.einsum('bhqk,bqhd->bkhd', ds.astype(q_bqhd.dtype), q_bqhd,
-                        preferred_element_type=jnp.float32)
-        return dq_bqhd + dq, (dk, dv)
+        return (dk_bhkd, dv_bhkd), dq
 
-      def skip(dq_bqhd):
-        return dq_bqhd, (jnp.zeros(k_bkhd.shape, jnp.float32), jnp.zeros(v_bkhd.shape, jnp.float32))
+      def skip(carry):
+        return carry, jnp.zeros(q_bhqd.shape, jnp.float32)
 
-      return jax.lax.cond(jnp.any(ok_bqk), compute, skip, dq_bqhd)
+      return jax.lax.cond(jnp.any(ok_b1qk), compute, skip, carry)
 
-    dq, (dk_n, dv_n) = jax.lax.scan(kv_block, jnp.zeros(q_bqhd.shape, jnp.float32),
+    init = (jnp.zeros(k_bhkd.shape, jnp.float32), jnp.zeros(v_bhkd.shape, jnp.float32))
+    (dk, dv), dq_part = jax.lax.scan(q_block, init, (q_n, do_n, lse_n, delta_n, sq_n, pq_n))
+    return dq_n + dq_part, (dk, dv)
+
+  dq_n, (dk_n, dv_n) = jax.lax.scan(kv_block, jnp.zeros(q_n.shape, jnp.float32),
                                     (k_n, v_n, sk_n, pk_n))
-    return (dk_acc + dk_n, dv_acc + dv_n), dq
-
-  init = (jnp.zeros(k_n.shape, jnp.float32), jnp.zeros(v_n.shape, jnp.float32))
-  (dk_n, dv_n), dq_n = jax.lax.scan(q_block, init, (q_n, do_n, lse_n, delta_n, sq_n, pq_n))
   return dq_n.astype(q_n.dtype), dk_n.astype(k_n.dtype), dv_n.astype(v_n.dtype)
 
 
@@ -188,10 +198,12 @@ def _xla(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale, block_size):
   # Padded positions carry segment 0, so they neither attend nor are attended.
   q, seg_q, pos_q = (_pad_to(x, nq * bq) for x in (q, seg_q, pos_q))
   k, v, seg_kv, pos_kv = (_pad_to(x, nk * bk) for x in (k, v, seg_kv, pos_kv))
-  o_n = _flash(_to_blocks(q, nq, bq), _to_blocks(k, nk, bk), _to_blocks(v, nk, bk),
-               _to_blocks(seg_q, nq, bq), _to_blocks(seg_kv, nk, bk),
-               _to_blocks(pos_q, nq, bq), _to_blocks(pos_kv, nk, bk), causal, scale)
-  return _from_blocks(o_n)[:, :sq]
+  head_major = lambda x_bshd: jnp.swapaxes(x_bshd, 1, 2)
+  o_n = _flash(_to_blocks(head_major(q), nq, bq), _to_blocks(head_major(k), nk, bk),
+               _to_blocks(head_major(v), nk, bk),
+               _ids_to_blocks(seg_q, nq, bq), _ids_to_blocks(seg_kv, nk, bk),
+               _ids_to_blocks(pos_q, nq, bq), _ids_to_blocks(pos_kv, nk, bk), causal, scale)
+  return jnp.swapaxes(_from_blocks(o_n), 1, 2)[:, :sq]
 
 
 # ------------------------------------------------------------------------ cudnn / splash
