@@ -20,7 +20,9 @@ import numpy as np
 
 from kimi_vl_jax.data import image_processor as ip, patch_packing
 from kimi_vl_jax.data import special_tokens as st
-from kimi_vl_jax.data.generated import get_dataset
+from kimi_vl_jax.data.generated import DATASETS, get_dataset
+from kimi_vl_jax.data.mixture import parse_sources
+from kimi_vl_jax.data.sources import parse_generated_path
 from kimi_vl_jax.data.tokenizer import load_or_train
 
 TEXT_SOURCES = ('text', 'needle', 'math')
@@ -58,15 +60,32 @@ class CaptionSource:
     self.caption_len = min(int(t.caption_len), int(config.model.coca.max_len))
     self.mixture = parse_mixture(stage.block.mixture or DEFAULT_CAPTION_MIXTURE)
     self.source_names = tuple(self.mixture)
+    self._sources = {name: self._resolve(config, name) for name in self.mixture}
     self._datasets: dict = {}
     self.step = 0
 
   # ---- datasets
-  def dataset(self, name: str, max_side: int, **kw):
-    key = (name, max_side, tuple(sorted(kw.items())))
+  def _resolve(self, config, name: str) -> tuple[str, dict]:
+    """A mixture name -> (generated dataset, keyword args): a ``data.sources`` entry of format
+    ``generated`` (so task views like ``words=generated:ocr?tasks=ocr_word`` work here too) or a
+    generated dataset's own name. Image sizes come from the stage (progressive resolution)."""
+    specs = {s.name: s for s in parse_sources(config.data.sources)}
+    if name in specs and specs[name].format == 'generated':
+      dataset, kw = parse_generated_path(specs[name].path)
+      return dataset, {k: v for k, v in kw.items() if k not in ('max_side', 'min_side')}
+    if name in DATASETS:
+      return name, {}
+    raise ValueError(
+        f'stages.{self.stage.name}.mixture: {name!r} is neither a generated source of '
+        f'data.sources ({", ".join(n for n, s in specs.items() if s.format == "generated")}) '
+        f'nor a generated dataset ({", ".join(DATASETS)})')
+
+  def dataset(self, name: str, max_side: int):
+    key = (name, max_side)
     if key not in self._datasets:
-      extra = {} if name in TEXT_SOURCES else {'max_side': max_side, 'min_side': min(56, max_side)}
-      self._datasets[key] = get_dataset(name, self.split, self.seed, **extra, **kw)
+      dataset, kw = self._sources[name]
+      extra = {} if dataset in TEXT_SOURCES else {'max_side': max_side, 'min_side': min(56, max_side)}
+      self._datasets[key] = get_dataset(dataset, self.split, self.seed, **extra, **kw)
     return self._datasets[key]
 
   def _pick(self, rng: random.Random, names) -> str:
@@ -94,7 +113,7 @@ class CaptionSource:
     side = min(self.stage.max_image_side(step, self.max_side), self.max_side, fits)
     for r in range(self.rows):
       rng = _row_rng(self.seed, self.stage.name, self.split, step, self.row_offset + r)
-      name = self._pick(rng, [n for n in self.mixture if n not in TEXT_SOURCES])
+      name = self._pick(rng, [n for n in self.mixture if self._sources[n][0] not in TEXT_SOURCES])
       ds = self.dataset(name, side)
       record = ds[rng.randrange(len(ds))]
       rows.append(self.caption_example(record))

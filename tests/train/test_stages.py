@@ -154,3 +154,24 @@ def test_stage_patch_buffer_overrides_the_data_default():
     getattr(src.dataset, 'close', lambda: None)()
   assert batch['patches'].shape[:2] == (8, 128)
   assert c.data.max_patches_per_row == 64      # the experiment config is not mutated
+
+
+def test_vit_pretrain_mixture_reads_source_views_by_name():
+  """The ViT stage's mixture may name a generated source of ``data.sources`` (a task view such
+  as ``words=generated:ocr?tasks=ocr_word``), not only a generated dataset; a name that is
+  neither is a config error naming the field."""
+  from kimi_vl_jax.data.generated import vocab
+  from kimi_vl_jax.train import data as data_lib
+  c = _config()
+  c.data.sources += ';words=generated:ocr?tasks=ocr_word&max_side=56@0#mm#qa'
+  c.stages.vit_pretrain.mixture = 'words=1'
+  validate(c)
+  src = data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))
+  batch = src.next()
+  words = set(vocab.WORDS)
+  for cap, mask in zip(batch['caption'], batch['caption_mask']):
+    text = src.tok.decode([int(t) for t, m in zip(cap, mask) if m][1:-1])   # no BOS, EOS
+    assert text.split()[-1] in words, text       # every caption reads one word: no numbers
+  c.stages.vit_pretrain.mixture = 'shapes=1,nope=1'
+  with pytest.raises(ValueError, match=r"stages.vit_pretrain.mixture: 'nope'"):
+    data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))

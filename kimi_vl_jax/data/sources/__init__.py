@@ -60,8 +60,8 @@ class GeneratedSource:
     return out
 
 
-def _generated_factory(path: str) -> Callable[..., Any]:
-  """``path`` names a generated dataset: ``<name>`` or ``<name>?key=value&...``."""
+def parse_generated_path(path: str) -> tuple[str, dict]:
+  """``<name>`` or ``<name>?key=value&...`` -> (generated dataset name, its keyword args)."""
   from kimi_vl_jax.data import generated  # imported lazily: only specs that use it pay for it
   name, _, query = path.partition('?')
   kwargs = {}
@@ -70,6 +70,13 @@ def _generated_factory(path: str) -> Callable[..., Any]:
     kwargs[k] = int(v) if v.lstrip('-').isdigit() else v
   if name not in generated.DATASETS:
     raise ValueError(f'unknown generated dataset {name!r}; known: {", ".join(generated.DATASETS)}')
+  return name, kwargs
+
+
+def _generated_factory(path: str) -> Callable[..., Any]:
+  """``path`` names a generated dataset: ``<name>`` or ``<name>?key=value&...``."""
+  from kimi_vl_jax.data import generated
+  name, kwargs = parse_generated_path(path)
   return lambda split, seed: generated.get_dataset(name, split=split, seed=seed, **kwargs)
 
 
@@ -90,4 +97,4 @@ def open_source(spec: SourceSpec, shard_index: int = 0, shard_count: int = 1,
 
 
 __all__ = ['REASONS', 'BadRecord', 'DataError', 'SkipCounter', 'Source', 'SourceSpec',
-           'GeneratedSource', 'open_source', 'FORMATS']
+           'GeneratedSource', 'open_source', 'parse_generated_path', 'FORMATS']
