@@ -120,6 +120,7 @@ def stage_block(**overrides) -> ml_collections.ConfigDict:
       long_fraction=0.0,         # share of rows that are long documents (rest: short replay)
       image_sides=(),            # progressive resolution: max image side per equal phase
       loss_on='all',             # all | assistant (SFT: answers and the tokens that end them)
+      caption_text='question_answer',  # vit_pretrain text of a QA record: question_answer | answer
       eval=(),                   # eval sets: vqa, ocr, counting, caption_ppl, needle
       eval_every=0,              # steps between evals (0 = stage end only)
   )

@@ -165,6 +165,9 @@ def _check_stages(config):
                         f'{config.model.lm.max_position_embeddings}')
     if b.loss_on not in ('all', 'assistant'):
       raise ConfigError(f'{key}.loss_on: must be all or assistant, got {b.loss_on!r}')
+    if b.caption_text not in ('question_answer', 'answer'):
+      raise ConfigError(f'{key}.caption_text: must be question_answer or answer, '
+                        f'got {b.caption_text!r}')
     for k in ('text_only_fraction', 'multimodal_share_start', 'multimodal_share_end', 'long_fraction'):
       if not 0.0 <= float(b[k]) <= 1.0:
         raise ConfigError(f'{key}.{k}: must be in [0, 1], got {b[k]!r}')

@@ -175,3 +175,26 @@ def test_vit_pretrain_mixture_reads_source_views_by_name():
   c.stages.vit_pretrain.mixture = 'shapes=1,nope=1'
   with pytest.raises(ValueError, match=r"stages.vit_pretrain.mixture: 'nope'"):
     data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))
+
+
+def test_vit_pretrain_caption_text_answer_only():
+  """``caption_text='answer'``: a QA record's caption is its answer alone (here: the word)."""
+  from kimi_vl_jax.data.generated import vocab
+  from kimi_vl_jax.train import data as data_lib
+  c = _config()
+  c.data.sources += ';words=generated:ocr?tasks=ocr_word@0#mm#qa'
+  c.stages.vit_pretrain.mixture = 'words=1'
+  texts = {}
+  for mode in ('question_answer', 'answer'):
+    c.stages.vit_pretrain.caption_text = mode
+    validate(c)
+    src = data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))
+    batch = src.next()
+    texts[mode] = [src.tok.decode([int(t) for t, m in zip(cap, mask) if m][1:-1])
+                   for cap, mask in zip(batch['caption'], batch['caption_mask'])]
+  assert all(t in set(vocab.WORDS) for t in texts['answer']), texts['answer']
+  # Same images and words, the question dropped.
+  assert [t.split()[-1] for t in texts['question_answer']] == texts['answer']
+  c.stages.vit_pretrain.caption_text = 'question'
+  with pytest.raises(ConfigError, match=r'vit_pretrain.caption_text'):
+    validate(c)
