@@ -22,6 +22,8 @@ _SOURCES = ';'.join([
     f'charts=generated:charts?max_side={_IMAGE_SIDE}@1#mm#qa',
     # Single-task views for the SFT mixtures (weight 0: not in pretraining).
     f'counting=generated:shapes?tasks=count&max_side={_IMAGE_SIDE}@0#mm#qa',
+    f'kinds=generated:shapes?tasks=shape&max_side={_IMAGE_SIDE}@0#mm#qa',
+    f'scenes=generated:shapes?tasks=caption&max_side={_IMAGE_SIDE}@0#mm#qa',
     f'words=generated:ocr?tasks=ocr_word&max_side={_IMAGE_SIDE}@0#mm#qa',
 ])
 
