@@ -59,11 +59,14 @@ def get_config(arg=None):
   c.data.in_token_limit = 256
   c.metrics.log_every = 5
   s = c.stages
-  s.vit_pretrain.steps = 100
+  s.vit_pretrain.steps = 150
   s.vit_pretrain.global_batch = 64          # one image + caption per row: many small rows
   s.vit_pretrain.max_patches_per_row = 64   # a 112 x 112 image (8 x 8 patches) fills a row
   s.vit_pretrain.image_sides = (56, 112)
-  s.vit_pretrain.mixture = 'shapes=2,ocr=2,charts=1'
+  s.vit_pretrain.mixture = 'shapes=2,words=2,counting=1,charts=1'
+  # Answer-only captions: every caption token depends on the image, and SigLIP negatives in a
+  # batch differ in content, not in question template.
+  s.vit_pretrain.caption_text = 'answer'
   s.alignment.steps = 20
   s.alignment.mixture = 'shapes=1,ocr=1,charts=1'
   s.joint_pretrain.steps = 100
