@@ -11,6 +11,7 @@ resuming needs only the index, and any process can compute any example without r
 """
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -54,14 +55,27 @@ class StreamPlan:
     self.examples_per_step = max(1, int(examples_per_step))
     self._prefix = [np.zeros(len(sizes), np.int64)]     # draws per source before block b
     self._cache: dict[int, np.ndarray] = {}
+    # grain's read threads call locate() concurrently; the lazily grown caches need a lock
+    # (two threads extending _prefix at once appended a block twice and shifted every later
+    # example onto another record).
+    self._lock = threading.RLock()
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state['_prefix'], state['_cache'] = [np.zeros(len(self.sizes), np.int64)], {}
+    del state['_lock']
     return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.RLock()
 
   def block_sources(self, b: int) -> np.ndarray:
     """[block] source ids of block b (seeded order)."""
+    with self._lock:
+      return self._block_sources(b)
+
+  def _block_sources(self, b: int) -> np.ndarray:
     if b in self._cache:
       return self._cache[b]
     w = np.asarray(self.weights_at_step((b * self.block) // self.examples_per_step), np.float64)
@@ -80,17 +94,20 @@ class StreamPlan:
     return sources
 
   def _prefix_at(self, b: int) -> np.ndarray:
+    """Draws per source before block b (call with the lock held)."""
     while len(self._prefix) <= b:
       k = len(self._prefix) - 1
-      self._prefix.append(self._prefix[k] + np.bincount(self.block_sources(k),
+      self._prefix.append(self._prefix[k] + np.bincount(self._block_sources(k),
                                                          minlength=len(self.sizes)))
     return self._prefix[b]
 
   def locate(self, i: int) -> tuple[int, int]:
     b, r = divmod(int(i), self.block)
-    sources = self.block_sources(b)
+    with self._lock:
+      sources = self._block_sources(b)
+      prefix = self._prefix_at(b)
     k = int(sources[r])
-    c = int(self._prefix_at(b)[k]) + int(np.count_nonzero(sources[:r] == k))
+    c = int(prefix[k]) + int(np.count_nonzero(sources[:r] == k))
     epoch, pos = divmod(c, int(self.sizes[k]))
     key = _mix64((self.seed << 40) ^ (self.process << 24) ^ (k << 12) ^ _mix64(epoch))
     return k, feistel_permutation(pos, int(self.sizes[k]), key)

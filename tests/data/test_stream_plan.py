@@ -52,3 +52,23 @@ def test_pickled_plan_agrees():
 
 def _w(step):
   return np.array([0.6, 0.4])
+
+
+def test_locate_is_thread_safe():
+  """grain's read threads call ``locate`` concurrently: the lazily grown block prefix sums must
+  not gain a duplicate entry (which shifts every later block onto other records)."""
+  import concurrent.futures
+  import random
+
+  def weights(step):
+    return np.array([0.5, 0.3, 0.2])
+
+  sizes = [1000, 700, 300]
+  want = [StreamPlan(weights, sizes, 1, 0, 8, block=16).locate(i) for i in range(2000)]
+  for trial in range(3):
+    plan = StreamPlan(weights, sizes, 1, 0, 8, block=16)
+    order = list(range(2000))
+    random.Random(trial).shuffle(order)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      got = dict(zip(order, pool.map(plan.locate, order)))
+    assert [got[i] for i in range(2000)] == want, f'trial {trial}'
