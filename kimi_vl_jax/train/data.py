@@ -42,6 +42,23 @@ def _row_rng(*key) -> random.Random:
   return random.Random(int.from_bytes(digest, 'little'))
 
 
+def resolve_caption_source(config, stage_name: str, name: str) -> tuple[str, dict]:
+  """A ViT-stage mixture name -> (generated dataset, keyword args): a ``data.sources`` entry of
+  format ``generated`` (task views like ``words=generated:ocr?tasks=ocr_word``) or a generated
+  dataset's own name. Image sizes come from the stage (progressive resolution), so the view's
+  max_side/min_side are dropped. Raises ValueError naming ``stages.<stage>.mixture``."""
+  specs = {s.name: s for s in parse_sources(config.data.sources)}
+  if name in specs and specs[name].format == 'generated':
+    dataset, kw = parse_generated_path(specs[name].path)
+    return dataset, {k: v for k, v in kw.items() if k not in ('max_side', 'min_side')}
+  if name in DATASETS:
+    return name, {}
+  raise ValueError(
+      f'stages.{stage_name}.mixture: {name!r} is neither a generated source of data.sources '
+      f'({", ".join(n for n, s in specs.items() if s.format == "generated")}) nor a generated '
+      f'dataset ({", ".join(DATASETS)})')
+
+
 class CaptionSource:
   """Image + caption rows for ``vit_pretrain`` (see the module docstring)."""
 
@@ -61,26 +78,12 @@ class CaptionSource:
     self.caption_text = str(stage.block.caption_text)
     self.mixture = parse_mixture(stage.block.mixture or DEFAULT_CAPTION_MIXTURE)
     self.source_names = tuple(self.mixture)
-    self._sources = {name: self._resolve(config, name) for name in self.mixture}
+    self._sources = {name: resolve_caption_source(config, stage.name, name)
+                     for name in self.mixture}
     self._datasets: dict = {}
     self.step = 0
 
   # ---- datasets
-  def _resolve(self, config, name: str) -> tuple[str, dict]:
-    """A mixture name -> (generated dataset, keyword args): a ``data.sources`` entry of format
-    ``generated`` (so task views like ``words=generated:ocr?tasks=ocr_word`` work here too) or a
-    generated dataset's own name. Image sizes come from the stage (progressive resolution)."""
-    specs = {s.name: s for s in parse_sources(config.data.sources)}
-    if name in specs and specs[name].format == 'generated':
-      dataset, kw = parse_generated_path(specs[name].path)
-      return dataset, {k: v for k, v in kw.items() if k not in ('max_side', 'min_side')}
-    if name in DATASETS:
-      return name, {}
-    raise ValueError(
-        f'stages.{self.stage.name}.mixture: {name!r} is neither a generated source of '
-        f'data.sources ({", ".join(n for n, s in specs.items() if s.format == "generated")}) '
-        f'nor a generated dataset ({", ".join(DATASETS)})')
-
   def dataset(self, name: str, max_side: int):
     key = (name, max_side)
     if key not in self._datasets:

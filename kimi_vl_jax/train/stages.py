@@ -168,6 +168,13 @@ def _check_stages(config):
     if b.caption_text not in ('question_answer', 'answer'):
       raise ConfigError(f'{key}.caption_text: must be question_answer or answer, '
                         f'got {b.caption_text!r}')
+    if b.task == 'vit_pretrain' and b.mixture:
+      from kimi_vl_jax.train.data import parse_mixture, resolve_caption_source
+      for source in parse_mixture(b.mixture):
+        try:
+          resolve_caption_source(config, name, source)
+        except ValueError as e:
+          raise ConfigError(f'config.{e}') from None
     for k in ('text_only_fraction', 'multimodal_share_start', 'multimodal_share_end', 'long_fraction'):
       if not 0.0 <= float(b[k]) <= 1.0:
         raise ConfigError(f'{key}.{k}: must be in [0, 1], got {b[k]!r}')

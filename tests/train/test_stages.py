@@ -175,6 +175,8 @@ def test_vit_pretrain_mixture_reads_source_views_by_name():
   c.stages.vit_pretrain.mixture = 'shapes=1,nope=1'
   with pytest.raises(ValueError, match=r"stages.vit_pretrain.mixture: 'nope'"):
     data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))
+  with pytest.raises(ConfigError, match=r"config.stages.vit_pretrain.mixture: 'nope'"):
+    validate(c)          # caught at config time, before any stage runs
 
 
 def test_vit_pretrain_caption_text_answer_only():
