@@ -13,18 +13,26 @@ from kimi_vl_jax.config import base_config
 # image sources below and the held-out evals (train.image_max_side).
 _IMAGE_SIDE = 112
 
+# Image views. Shapes and words are drawn on fixed 112 px canvases, and words stand upright and
+# fill theirs. A from-scratch ViT learns little at this budget when sizes and layout vary. A
+# supervised probe, 150 steps of 64 images: OCR words reach 0.13 held-out accuracy with the full
+# tier-0 layout and 0.67 upright and filling; counts reach 0.47 vs 0.62 at 100 steps on
+# 56-112 px vs 112 px.
+_FIXED = f'min_side={_IMAGE_SIDE}&max_side={_IMAGE_SIDE}'
+_UPRIGHT = f'{_FIXED}&max_angle=0&min_fill=0.95'
+
 _SOURCES = ';'.join([
     'text=generated:text@2#text',
     'math=generated:math@1#text#qa',
     'needle=generated:needle@0#text#long',
-    f'shapes=generated:shapes?max_side={_IMAGE_SIDE}@3#mm#qa',
-    f'ocr=generated:ocr?max_side={_IMAGE_SIDE}@2#mm#qa',
+    f'shapes=generated:shapes?{_FIXED}@3#mm#qa',
+    f'ocr=generated:ocr?{_UPRIGHT}@2#mm#qa',
     f'charts=generated:charts?max_side={_IMAGE_SIDE}@1#mm#qa',
     # Single-task views for the SFT mixtures (weight 0: not in pretraining).
-    f'counting=generated:shapes?tasks=count&max_side={_IMAGE_SIDE}@0#mm#qa',
-    f'kinds=generated:shapes?tasks=shape&max_side={_IMAGE_SIDE}@0#mm#qa',
-    f'scenes=generated:shapes?tasks=caption&max_side={_IMAGE_SIDE}@0#mm#qa',
-    f'words=generated:ocr?tasks=ocr_word&max_side={_IMAGE_SIDE}@0#mm#qa',
+    f'counting=generated:shapes?tasks=count&{_FIXED}@0#mm#qa',
+    f'kinds=generated:shapes?tasks=shape&{_FIXED}@0#mm#qa',
+    f'scenes=generated:shapes?tasks=caption&{_FIXED}@0#mm#qa',
+    f'words=generated:ocr?tasks=ocr_word&{_UPRIGHT}@0#mm#qa',
 ])
 
 _EVAL = ('vqa', 'counting', 'ocr', 'caption_ppl')
@@ -50,6 +58,7 @@ def get_config(arg=None):
   c.train.seq_len = 256
   c.train.image_max_side = _IMAGE_SIDE
   c.train.eval_examples = 32
+  c.train.eval_sources = 'vqa=shapes,counting=counting,ocr=words'   # held out like the views
   c.train.checkpoint_every = 50
   c.optim.lr = 3e-3            # small model, few steps: a higher peak than Moonlight's 4.2e-4
   c.optim.warmup_steps = 10

@@ -39,6 +39,8 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
                                  # override) and of the held-out eval images (train/evaluate.py)
       caption_len=32,            # caption tokens per example in vit_pretrain
       eval_examples=32,          # held-out examples per eval set (train/evaluate.py)
+      eval_sources='',           # 'ocr=words,...': an eval set draws images like that data.sources
+                                 # view (sides, layout); default: image_max_side only
       init_from='',              # first stage starts from: HF Kimi-VL dir or converted Orbax dir
   ))
   c.stages = stages_schema()

@@ -236,7 +236,8 @@ _EXTRA_CHECKS: list[Callable] = []
 # The modules whose import registers those checks. validate() imports them itself, so a
 # check never depends on what the caller happened to import first (a test, a tool, main).
 # A subsystem that adds a ``@register_check`` module lists it here.
-CHECK_MODULES = ('kimi_vl_jax.data.config_check', 'kimi_vl_jax.train.stages')
+CHECK_MODULES = ('kimi_vl_jax.data.config_check', 'kimi_vl_jax.train.stages',
+                 'kimi_vl_jax.train.evaluate')
 
 
 def register_check(fn: Callable) -> Callable:

@@ -45,12 +45,13 @@ def _row_rng(*key) -> random.Random:
 def resolve_caption_source(config, stage_name: str, name: str) -> tuple[str, dict]:
   """A ViT-stage mixture name -> (generated dataset, keyword args): a ``data.sources`` entry of
   format ``generated`` (task views like ``words=generated:ocr?tasks=ocr_word``) or a generated
-  dataset's own name. Image sizes come from the stage (progressive resolution), so the view's
-  max_side/min_side are dropped. Raises ValueError naming ``stages.<stage>.mixture``."""
+  dataset's own name. The largest image side comes from the stage (progressive resolution), so
+  the view's max_side is dropped; its min_side (default 56) is capped at the stage's side.
+  Raises ValueError naming ``stages.<stage>.mixture``."""
   specs = {s.name: s for s in parse_sources(config.data.sources)}
   if name in specs and specs[name].format == 'generated':
     dataset, kw = parse_generated_path(specs[name].path)
-    return dataset, {k: v for k, v in kw.items() if k not in ('max_side', 'min_side')}
+    return dataset, {k: v for k, v in kw.items() if k != 'max_side'}
   if name in DATASETS:
     return name, {}
   raise ValueError(
@@ -88,7 +89,10 @@ class CaptionSource:
     key = (name, max_side)
     if key not in self._datasets:
       dataset, kw = self._sources[name]
-      extra = {} if dataset in TEXT_SOURCES else {'max_side': max_side, 'min_side': min(56, max_side)}
+      kw = dict(kw)
+      min_side = int(kw.pop('min_side', 56))
+      extra = {} if dataset in TEXT_SOURCES else {'max_side': max_side,
+                                                  'min_side': min(min_side, max_side)}
       self._datasets[key] = get_dataset(dataset, self.split, self.seed, **extra, **kw)
     return self._datasets[key]
 

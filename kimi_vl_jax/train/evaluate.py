@@ -21,6 +21,7 @@ import numpy as np
 
 from kimi_vl_jax.data import chat_template, image_processor as ip, patch_packing
 from kimi_vl_jax.data import special_tokens as st
+from kimi_vl_jax.config.validate import ConfigError, register_check
 from kimi_vl_jax.data.generated import chance_level, get_dataset, is_correct
 from kimi_vl_jax.parallel import sharding as shard_lib
 from kimi_vl_jax.train import tasks as tasks_lib
@@ -105,12 +106,71 @@ def make_greedy(task, max_new: int):
   return fn
 
 
-def eval_dataset(config, ds_name: str, tasks, seq_len: int, split: str = 'eval'):
-  """The held-out generated dataset of an eval set. Images are drawn at most
-  ``train.image_max_side`` pixels on a side (the size an experiment trains its generated image
-  sources at); needle haystacks fill about a third of the stage's row of ``seq_len`` tokens."""
-  kw = ({'length': max(10, seq_len // 3)} if ds_name == 'needle'
-        else {'max_side': int(config.train.image_max_side)})
+def eval_views(config) -> dict[str, dict]:
+  """``train.eval_sources`` (``'ocr=words,counting=counting'``) -> {eval set: generator kwargs}.
+
+  An eval set named there draws its held-out images like that ``data.sources`` entry (a
+  ``generated`` view of the eval set's dataset): sides, layout options; its tasks stay the eval
+  set's. Raises ValueError naming ``train.eval_sources`` and the entry.
+  """
+  from kimi_vl_jax.data.mixture import parse_sources
+  from kimi_vl_jax.data.sources import parse_generated_path
+  text = str(config.train.eval_sources or '').strip()
+  if not text:
+    return {}
+  specs = {s.name: s for s in parse_sources(config.data.sources)}
+  views = {}
+  for entry in filter(None, (e.strip() for e in text.split(','))):
+    name, eq, source = (x.strip() for x in entry.partition('='))
+    where = f'train.eval_sources: {entry!r}'
+    if not eq or name not in EXACT_MATCH_SETS or name == 'needle':
+      raise ValueError(f'{where}: expected <eval set>=<data.sources name> with an eval set of '
+                       f'{", ".join(n for n in EXACT_MATCH_SETS if n != "needle")}')
+    spec = specs.get(source)
+    if spec is None or spec.format != 'generated':
+      raise ValueError(f'{where}: {source!r} is not a generated source of data.sources '
+                       f'({", ".join(n for n, s in specs.items() if s.format == "generated")})')
+    dataset, kw = parse_generated_path(spec.path)
+    if dataset != EXACT_MATCH_SETS[name][0]:
+      raise ValueError(f'{where}: {source!r} draws from {dataset!r}, but eval set {name!r} '
+                       f'scores {EXACT_MATCH_SETS[name][0]!r} tasks')
+    views[name] = {k: v for k, v in kw.items() if k != 'tasks'}
+  return views
+
+
+def held_out_descriptions(config) -> dict[str, str]:
+  """{eval set: the generated data it scores, as a source path} for the run report."""
+  views = eval_views(config)
+  out = {}
+  for name, (dataset, tasks) in EXACT_MATCH_SETS.items():
+    if name == 'needle':
+      continue
+    kw = {'tasks': ','.join(tasks), 'max_side': int(config.train.image_max_side),
+          **views.get(name, {})}
+    out[name] = f'{dataset}?' + '&'.join(f'{k}={v}' for k, v in kw.items())
+  return out
+
+
+@register_check
+def _check_eval_sources(config):
+  try:
+    eval_views(config)
+  except ValueError as e:
+    raise ConfigError(f'config.{e}') from None
+
+
+def eval_dataset(config, ds_name: str, tasks, seq_len: int, split: str = 'eval',
+                 name: str | None = None):
+  """The held-out generated dataset of eval set ``name`` (its dataset ``ds_name``, ``tasks``).
+
+  Images are drawn like the ``data.sources`` view that ``train.eval_sources`` names for it,
+  else at most ``train.image_max_side`` pixels on a side (the size an experiment trains its
+  generated image sources at); needle haystacks fill about a third of the stage's row of
+  ``seq_len`` tokens."""
+  if ds_name == 'needle':
+    kw = {'length': max(10, seq_len // 3)}
+  else:
+    kw = {'max_side': int(config.train.image_max_side), **eval_views(config).get(name, {})}
   return get_dataset(ds_name, split, config.data.seed, tasks=tasks, **kw)
 
 
@@ -137,7 +197,7 @@ class Evaluator:
       if name in ('vqa', 'counting', 'ocr') and stage.task != 'kimi_vl':
         continue
       ds_name, tasks = EXACT_MATCH_SETS[name]
-      ds = eval_dataset(config, ds_name, tasks, stage.seq_len, self.split)
+      ds = eval_dataset(config, ds_name, tasks, stage.seq_len, self.split, name)
       records = [ds[i] for i in range(self.n)]
       texts = self.generate(config, stage, task, state, mesh, tok, image_cfg, patches, records)
       out[f'exact_match/{name}'] = float(np.mean([is_correct(r, t) for r, t in zip(records, texts)]))

@@ -91,14 +91,16 @@ def run_experiment(config, workdir: str, stages: Optional[Sequence[str]] = None,
         logging.info('SIGTERM: saved %s at step %s; exiting', name, summary.get('step', summary.get('steps')))
         return 0
       if jax.process_index() == 0:   # refreshed after every stage: a partial run has a report
-        write_run_report(workdir)
+        write_run_report(workdir, config)
   return 0
 
 
-def write_run_report(workdir: str) -> dict:
-  """``report.{json,md}`` from the completed stages' checkpoint metadata in ``workdir``."""
+def write_run_report(workdir: str, config=None) -> dict:
+  """``report.{json,md}`` from the completed stages' checkpoint metadata in ``workdir``; with
+  ``config``, each task also names the held-out data it was scored on."""
   from kimi_vl_jax.train import evaluate
-  return report.run_report(workdir, collect_summaries(workdir), evaluate.CHANCE)
+  held_out = None if config is None else evaluate.held_out_descriptions(config)
+  return report.run_report(workdir, collect_summaries(workdir), evaluate.CHANCE, held_out)
 
 
 def collect_summaries(workdir: str) -> dict:

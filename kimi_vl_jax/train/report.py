@@ -73,9 +73,11 @@ def stage_markdown(stage_dir: str, stage: str, summary: dict) -> str:
   return path
 
 
-def run_report(workdir: str, stage_summaries: dict, accuracy_tasks: dict) -> dict:
+def run_report(workdir: str, stage_summaries: dict, accuracy_tasks: dict,
+               held_out: Optional[dict] = None) -> dict:
   """The run's ``report.json`` + ``report.md``: every stage's summary, and per task the held-out
-  exact match before SFT (last pre-SFT stage with evals), after SFT (last stage) and chance."""
+  exact match before SFT (last pre-SFT stage with evals), after SFT (last stage) and chance;
+  ``held_out`` ({task: text}) says which generated data each task was scored on."""
   pre = post = None
   for name, s in stage_summaries.items():
     if not s.get('eval'):
@@ -88,6 +90,8 @@ def run_report(workdir: str, stage_summaries: dict, accuracy_tasks: dict) -> dic
   for task, chance in accuracy_tasks.items():
     key = f'exact_match/{task}'
     row = {'chance': chance}
+    if held_out and task in held_out:
+      row['held_out'] = held_out[task]
     if pre is not None and key in stage_summaries[pre]['eval']:
       row['before_sft'] = stage_summaries[pre]['eval'][key]
     if post is not None and key in stage_summaries[post]['eval']:
@@ -96,11 +100,12 @@ def run_report(workdir: str, stage_summaries: dict, accuracy_tasks: dict) -> dic
   report = {'stages': stage_summaries, 'pre_sft_stage': pre, 'final_stage': post, 'tasks': tasks}
   with open(os.path.join(workdir, 'report.json'), 'w', encoding='utf-8') as f:
     json.dump(report, f, indent=2, sort_keys=True)
-  lines = ['# Run report', '', '| task | chance | before SFT | after SFT |', '| --- | --- | --- | --- |']
+  lines = ['# Run report', '', '| task | chance | before SFT | after SFT | held-out data |',
+           '| --- | --- | --- | --- | --- |']
   fmt = lambda x: '-' if x is None else f'{x:.3f}'
   for task, row in tasks.items():
     lines.append(f'| {task} | {fmt(row["chance"])} | {fmt(row.get("before_sft"))} | '
-                 f'{fmt(row.get("after_sft"))} |')
+                 f'{fmt(row.get("after_sft"))} | {row.get("held_out", "-")} |')
   lines += ['', '| stage | steps | final loss | tokens seen | wall s |', '| --- | --- | --- | --- | --- |']
   for name, s in stage_summaries.items():
     lines.append(f'| {name} | {s.get("steps")} | {fmt(s.get("final_loss"))} | {s.get("tokens_seen")} | '

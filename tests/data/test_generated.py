@@ -199,6 +199,35 @@ def test_ocr_text_is_whole_and_from_the_answer_space(difficulty):
   assert len(fonts) >= 4 and render.PIL_DEFAULT_FONT in render.font_names(0)
 
 
+def test_ocr_layout_options_narrow_angle_and_size():
+  """max_angle / min_fill (as a source path passes them: text) upright the text and make it
+  fill the image; the defaults keep every tier's spec stream unchanged."""
+  from kimi_vl_jax.data.generated import ocr
+  from kimi_vl_jax.data.sources import parse_generated_path
+  name, kw = parse_generated_path('ocr?tasks=ocr_word&min_side=112&max_side=112'
+                                  '&max_angle=0&min_fill=0.95')
+  narrow = g.get_dataset(name, 'eval', 0, **kw)
+  default = g.get_dataset('ocr', 'eval', 0, tasks='ocr_word', min_side=112, max_side=112)
+  explicit = g.get_dataset('ocr', 'eval', 0, tasks='ocr_word', min_side=112, max_side=112,
+                           max_angle=ocr.MAX_ANGLE[0], min_fill=ocr.SIZE_FRACTION[0][0])
+  fracs = []
+  for i in range(30):
+    m = narrow[i]['meta']
+    assert m['angle'] == 0 and m['size_frac'] == 0.95
+    fracs.append(default.spec(i)['size_frac'])
+    assert default.spec(i) == explicit.spec(i)
+  assert min(fracs) < 0.9 and any(default.spec(i)['angle'] for i in range(30))
+
+
+@pytest.mark.parametrize('kw, field', [(dict(max_angle='upright'), 'max_angle'),
+                                       (dict(max_angle=120), 'max_angle'),
+                                       (dict(min_fill='0'), 'min_fill'),
+                                       (dict(min_fill=1.5), 'min_fill')])
+def test_ocr_layout_options_reject_bad_values(kw, field):
+  with pytest.raises(ValueError, match=f'ocr: {field}='):
+    g.get_dataset('ocr', **kw)
+
+
 @pytest.mark.parametrize('difficulty', [0, 1, 2])
 def test_chart_values_from_bar_heights(difficulty):
   ds = g.get_dataset('charts', 'train', 0, difficulty=difficulty)

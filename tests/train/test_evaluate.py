@@ -1,6 +1,8 @@
 """Eval sets: held-out generated data drawn at the experiment's image size."""
 import pytest
 
+from kimi_vl_jax.config import ConfigError, validate
+
 from kimi_vl_jax.config import base_config
 from kimi_vl_jax.data.generated import is_correct
 from kimi_vl_jax.train import evaluate
@@ -30,3 +32,53 @@ def test_needle_haystack_fills_a_third_of_the_row():
   short = evaluate.eval_dataset(c, 'needle', ('needle',), seq_len=300)
   long = evaluate.eval_dataset(c, 'needle', ('needle',), seq_len=3000)
   assert short.length == 100 and long.length == 1000
+
+
+def _valid_config():
+  c = base_config('tiny')
+  for name in c.stages:
+    c.stages[name].steps = 4
+  return c
+
+
+def test_eval_sources_draw_held_out_images_like_the_named_view():
+  """``train.eval_sources='ocr=words'``: the OCR eval draws its held-out words like the
+  ``words`` view (112-px upright text filling the image), still scoring ocr_word only."""
+  c = _valid_config()
+  c.train.image_max_side = 112
+  c.data.sources += (';words=generated:ocr?tasks=ocr_word&min_side=112&max_side=112'
+                     '&max_angle=0&min_fill=0.95@0#mm#qa')
+  plain = evaluate.eval_dataset(c, 'ocr', ('ocr_word',), 128, name='ocr')
+  assert any(plain[i]['meta']['angle'] for i in range(16))
+  c.train.eval_sources = 'ocr=words'
+  validate(c)
+  ds = evaluate.eval_dataset(c, 'ocr', ('ocr_word',), 128, name='ocr')
+  for i in range(16):
+    r = ds[i]
+    assert r['task'] == 'ocr_word' and _images(r)[0].size == (112, 112)
+    assert r['meta']['angle'] == 0 and r['meta']['size_frac'] == 0.95
+  assert ds.split == 'eval'
+
+
+@pytest.mark.parametrize('value, match', [
+    ('ocr=nope', "'nope' is not a generated source"),
+    ('ocr=shapes', "draws from 'shapes'"),
+    ('reading=words', 'expected <eval set>=<data.sources name>'),
+    ('ocr', 'expected <eval set>=<data.sources name>')])
+def test_eval_sources_mistakes_are_config_errors(value, match):
+  c = _valid_config()
+  c.data.sources += ';words=generated:ocr?tasks=ocr_word@0#mm#qa'
+  c.train.eval_sources = value
+  with pytest.raises(ConfigError, match=r'config.train.eval_sources: .*' + match):
+    validate(c)
+
+
+def test_held_out_descriptions_name_the_view_an_eval_set_uses():
+  c = _valid_config()
+  c.train.image_max_side = 112
+  c.data.sources += ';words=generated:ocr?tasks=ocr_word&max_angle=0@0#mm#qa'
+  assert evaluate.held_out_descriptions(c)['ocr'] == 'ocr?tasks=ocr_word&max_side=112'
+  c.train.eval_sources = 'ocr=words'
+  described = evaluate.held_out_descriptions(c)
+  assert described['ocr'] == 'ocr?tasks=ocr_word&max_side=112&max_angle=0'
+  assert described['counting'] == 'shapes?tasks=count&max_side=112'

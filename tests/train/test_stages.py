@@ -179,6 +179,25 @@ def test_vit_pretrain_mixture_reads_source_views_by_name():
     validate(c)          # caught at config time, before any stage runs
 
 
+def test_vit_pretrain_keeps_a_views_min_side_under_the_stage_side():
+  """A view's min_side holds in the ViT stage (capped at the stage's side); max_side is the
+  stage's (progressive resolution)."""
+  from kimi_vl_jax.train import data as data_lib
+  c = _config()
+  c.data.sources += ';words=generated:ocr?tasks=ocr_word&min_side=112&max_side=112@0#mm#qa'
+  c.stages.vit_pretrain.mixture = 'words=1'
+  c.stages.vit_pretrain.image_sides = (112,)
+  c.train.image_max_side = 112
+  c.stages.vit_pretrain.max_patches_per_row = 64
+  validate(c)
+  src = data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))
+  batch = src.next()
+  real = batch['patch_segment_ids'] > 0
+  assert (batch['patch_grid_h'][real] == 8).all() and (batch['patch_grid_w'][real] == 8).all()
+  small = src.dataset('words', 56)
+  assert (small.min_side, small.max_side) == (56, 56)
+
+
 def test_vit_pretrain_caption_text_answer_only():
   """``caption_text='answer'``: a QA record's caption is its answer alone (here: the word)."""
   from kimi_vl_jax.data.generated import vocab

@@ -5,6 +5,12 @@ contrasting background. Difficulty 0: one word from 20 or a number 0..999, large
 fonts, rotation within +-10 degrees. 1: 100 words or numbers up to 99999, oblique faces,
 +-30 degrees, tinted colours. 2: all words, two-word phrases, numbers up to 9999999,
 +-60 degrees, light text on dark backgrounds too.
+
+Two keyword arguments narrow a tier's layout: ``max_angle`` (degrees; 0 = upright) and
+``min_fill`` (the smallest text size as a fraction of the largest that fits; near 1 the text
+fills the image, so its size and position barely vary). A from-scratch ViT learns to read the
+full tier-0 layout slowly: supervised on 9,600 word images at 112 px it reaches 13% held-out
+accuracy, upright text filling the image 67% (the demo's OCR view uses the latter).
 """
 from __future__ import annotations
 
@@ -47,6 +53,21 @@ class OcrDataset(base.GeneratedDataset):
   TASKS = ('ocr_word', 'ocr_number')
   DEFAULT_TASKS = TASKS
 
+  def __init__(self, *args, max_angle: int | str | None = None,
+               min_fill: float | str | None = None, **kw):
+    super().__init__(*args, **kw)
+    d = self.difficulty
+    self.max_angle = MAX_ANGLE[d] if max_angle is None else _number('max_angle', max_angle, int)
+    if not 0 <= self.max_angle <= 90:
+      raise ValueError(f'ocr: max_angle={max_angle!r}; expected degrees in [0, 90]')
+    lo, hi = SIZE_FRACTION[d]
+    if min_fill is not None:
+      lo = _number('min_fill', min_fill, float)
+      if not 0 < lo <= 1:
+        raise ValueError(f'ocr: min_fill={min_fill!r}; expected a fraction in (0, 1]')
+      hi = max(hi, lo)
+    self.size_fraction = (lo, hi)
+
   def sample_text(self, rng, task) -> str:
     d = self.difficulty
     if task == 'ocr_number':
@@ -61,7 +82,7 @@ class OcrDataset(base.GeneratedDataset):
     d = self.difficulty
     text = self.sample_text(rng, task)
     font = rng.choice(render.font_names(d))
-    angle = rng.randint(-MAX_ANGLE[d], MAX_ANGLE[d])
+    angle = rng.randint(-self.max_angle, self.max_angle)
     for _ in range(100):      # redraw the canvas until the text fits at a legible size
       w, h = self.image_size(rng)
       if _estimate_fit(font, text, w, h, angle) >= MIN_FONT_PX + 2:
@@ -71,7 +92,7 @@ class OcrDataset(base.GeneratedDataset):
                        f'max_side={self.max_side}px; raise max_side')
     bg, fg = _contrasting_colors(rng, d)
     return {'w': w, 'h': h, 'text': text, 'font': font, 'angle': angle,
-            'size_frac': round(rng.uniform(*SIZE_FRACTION[d]), 3),
+            'size_frac': round(rng.uniform(*self.size_fraction), 3),
             'pos': (round(rng.random(), 3), round(rng.random(), 3)), 'bg': bg, 'fg': fg,
             'q': rng.randrange(len(_QUESTIONS))}
 
@@ -89,6 +110,14 @@ class OcrDataset(base.GeneratedDataset):
     record = self.record(spec, base.qa_messages(content, spec['text']), spec['text'])
     record['meta'] = dict(spec, **lay)
     return record
+
+
+def _number(name: str, value, kind):
+  """A keyword given as a number or as text (a source path's query string passes text)."""
+  try:
+    return kind(value)
+  except (TypeError, ValueError):
+    raise ValueError(f'ocr: {name}={value!r}; expected a {kind.__name__}') from None
 
 
 def _margin(w: int, h: int) -> int:
