@@ -4,6 +4,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,22 +16,36 @@ def _main(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def _main_with_peak_rss(*args):
-  """Runs the CLI; returns (returncode, stdout, stderr, this child's own peak RSS in KiB).
+# Runs the CLI and, at exit, records the process's own peak RSS. VmHWM belongs to the address
+# space made at exec, so it excludes the parent: a child's ru_maxrss (wait4, RUSAGE_CHILDREN)
+# does not, because Linux folds the pre-exec address space (a copy of the multi-GB pytest
+# process) into it.
+_PEAK_RSS_WRAPPER = """
+import atexit, os, runpy, sys
+def _record():
+  with open('/proc/self/status') as f:
+    hwm = next(line for line in f if line.startswith('VmHWM:'))
+  with open(os.environ['KVJ_TEST_PEAK_RSS_FILE'], 'w') as f:
+    f.write(hwm.split()[1])
+atexit.register(_record)
+sys.argv[0] = 'kimi_vl_jax.main'
+runpy.run_module('kimi_vl_jax.main', run_name='__main__', alter_sys=True)
+"""
 
-  os.wait4 reports the rusage of this one child; RUSAGE_CHILDREN would be the maximum over
-  every subprocess the test session ever waited for (the multi-process tests reach 4 GB).
-  """
+
+def _main_with_peak_rss(*args):
+  """Runs the CLI; returns (returncode, stdout, stderr, the CLI process's own peak RSS in KiB)."""
+  if not os.path.exists('/proc/self/status'):
+    pytest.skip('peak RSS is read from /proc (Linux)')
   env = {k: v for k, v in os.environ.items() if not k.startswith(('KVJ_', 'SLURM_'))}
-  env.update(JAX_PLATFORMS='cpu')
-  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
-    proc = subprocess.Popen([sys.executable, '-m', 'kimi_vl_jax.main', *args], cwd=REPO,
-                            env=env, stdout=out, stderr=err, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out.seek(0)
-    err.seek(0)
-    return proc.returncode, out.read(), err.read(), usage.ru_maxrss
+  with tempfile.TemporaryDirectory() as tmp:
+    peak_file = os.path.join(tmp, 'peak_kib')
+    env.update(JAX_PLATFORMS='cpu', KVJ_TEST_PEAK_RSS_FILE=peak_file)
+    result = subprocess.run([sys.executable, '-c', _PEAK_RSS_WRAPPER, *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    with open(peak_file) as f:
+      peak_kib = int(f.read())
+  return result.returncode, result.stdout, result.stderr, peak_kib
 
 
 def test_describe_demo(tmp_path):
