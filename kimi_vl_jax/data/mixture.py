@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kimi_vl_jax.data.sources import FORMATS, SourceSpec
+from kimi_vl_jax.data.sources import FORMATS, SourceSpec, parse_generated_path
 
 
 def parse_sources(spec: str) -> list[SourceSpec]:
@@ -55,6 +55,12 @@ def parse_sources(spec: str) -> list[SourceSpec]:
   if sum(s.weight for s in out) <= 0:
     raise ValueError('data.sources: all weights are 0')
   return out
+
+
+def generated_views(spec: str) -> dict[str, tuple[str, dict]]:
+  """The ``generated`` entries of a data.sources string: {name: (dataset, keyword args)}."""
+  return {s.name: parse_generated_path(s.path) for s in parse_sources(spec)
+          if s.format == 'generated'}
 
 
 def _set_share(w: np.ndarray, group: np.ndarray, share: float) -> np.ndarray:

@@ -21,8 +21,7 @@ import numpy as np
 from kimi_vl_jax.data import image_processor as ip, patch_packing
 from kimi_vl_jax.data import special_tokens as st
 from kimi_vl_jax.data.generated import DATASETS, get_dataset
-from kimi_vl_jax.data.mixture import parse_sources
-from kimi_vl_jax.data.sources import parse_generated_path
+from kimi_vl_jax.data.mixture import generated_views
 from kimi_vl_jax.data.tokenizer import load_or_train
 
 TEXT_SOURCES = ('text', 'needle', 'math')
@@ -48,16 +47,15 @@ def resolve_caption_source(config, stage_name: str, name: str) -> tuple[str, dic
   dataset's own name. The largest image side comes from the stage (progressive resolution), so
   the view's max_side is dropped; its min_side (default 56) is capped at the stage's side.
   Raises ValueError naming ``stages.<stage>.mixture``."""
-  specs = {s.name: s for s in parse_sources(config.data.sources)}
-  if name in specs and specs[name].format == 'generated':
-    dataset, kw = parse_generated_path(specs[name].path)
+  views = generated_views(config.data.sources)
+  if name in views:
+    dataset, kw = views[name]
     return dataset, {k: v for k, v in kw.items() if k != 'max_side'}
   if name in DATASETS:
     return name, {}
   raise ValueError(
       f'stages.{stage_name}.mixture: {name!r} is neither a generated source of data.sources '
-      f'({", ".join(n for n, s in specs.items() if s.format == "generated")}) nor a generated '
-      f'dataset ({", ".join(DATASETS)})')
+      f'({", ".join(views)}) nor a generated dataset ({", ".join(DATASETS)})')
 
 
 class CaptionSource:
@@ -114,7 +112,7 @@ class CaptionSource:
     self.step = int(state['step'])
 
   def _vit_batch(self, step: int) -> dict:
-    rows = []
+    rows, source_ids = [], []
     # Never beyond what one row's patch buffer holds (a square image of side s needs
     # (ceil(s / 28) * 2)^2 patches) nor beyond train.image_max_side.
     fits = int(np.sqrt(self.patches)) // 2 * 28
@@ -125,7 +123,9 @@ class CaptionSource:
       ds = self.dataset(name, side)
       record = ds[rng.randrange(len(ds))]
       rows.append(self.caption_example(record))
+      source_ids.append(self.source_names.index(name))
     out = {k: np.stack([r[k] for r in rows]) for k in ('caption', 'caption_mask')}
+    out['source_ids'] = np.asarray(source_ids, np.int32)     # [B] index into source_names
     packed = patch_packing.stack_packs([r['packed'] for r in rows])
     out['patches'] = packed['patches']
     for k in patch_packing.PATCH_FIELDS[1:]:

@@ -113,12 +113,11 @@ def eval_views(config) -> dict[str, dict]:
   ``generated`` view of the eval set's dataset): sides, layout options; its tasks stay the eval
   set's. Raises ValueError naming ``train.eval_sources`` and the entry.
   """
-  from kimi_vl_jax.data.mixture import parse_sources
-  from kimi_vl_jax.data.sources import parse_generated_path
+  from kimi_vl_jax.data.mixture import generated_views
   text = str(config.train.eval_sources or '').strip()
   if not text:
     return {}
-  specs = {s.name: s for s in parse_sources(config.data.sources)}
+  generated = generated_views(config.data.sources)
   views = {}
   for entry in filter(None, (e.strip() for e in text.split(','))):
     name, eq, source = (x.strip() for x in entry.partition('='))
@@ -126,11 +125,10 @@ def eval_views(config) -> dict[str, dict]:
     if not eq or name not in EXACT_MATCH_SETS or name == 'needle':
       raise ValueError(f'{where}: expected <eval set>=<data.sources name> with an eval set of '
                        f'{", ".join(n for n in EXACT_MATCH_SETS if n != "needle")}')
-    spec = specs.get(source)
-    if spec is None or spec.format != 'generated':
+    if source not in generated:
       raise ValueError(f'{where}: {source!r} is not a generated source of data.sources '
-                       f'({", ".join(n for n, s in specs.items() if s.format == "generated")})')
-    dataset, kw = parse_generated_path(spec.path)
+                       f'({", ".join(generated)})')
+    dataset, kw = generated[source]
     if dataset != EXACT_MATCH_SETS[name][0]:
       raise ValueError(f'{where}: {source!r} draws from {dataset!r}, but eval set {name!r} '
                        f'scores {EXACT_MATCH_SETS[name][0]!r} tasks')

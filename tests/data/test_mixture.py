@@ -22,6 +22,15 @@ def test_parse_sources():
       mx.parse_sources(bad)
 
 
+def test_generated_views():
+  views = mx.generated_views('t=text:/x/*.txt@1;words=generated:ocr?tasks=ocr_word&max_angle=0@0;'
+                             'shapes=generated:shapes@2#qa')
+  assert views == {'words': ('ocr', {'tasks': 'ocr_word', 'max_angle': 0}),
+                   'shapes': ('shapes', {})}
+  with pytest.raises(ValueError, match="unknown generated dataset 'nope'"):
+    mx.generated_views('a=generated:nope@1')
+
+
 def _picks(m, n, sizes=(10, 10, 10, 10), seed=0, process=0, eps=8):
   plan = StreamPlan(m.weights, list(sizes), seed, process, eps)
   return [plan.locate(i) for i in range(n)]
