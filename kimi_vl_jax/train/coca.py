@@ -111,16 +111,19 @@ class CocaHeads(nn.Module):
   ``config`` fields: vocab_size, width, layers, heads, mlp, max_len, embed_dim (the SigLIP space).
   """
   config: FrozenConfigDict
+  num_sources: int = 0      # K: caption loss sums per data source when source ids are given
 
   @nn.compact
-  def __call__(self, feats_bpd, patch_mask_bp, caption_bt, caption_mask_bt):
-    """Returns {'siglip': scalar, 'caption_loss_sum', 'caption_weight_sum', 'loss'}.
+  def __call__(self, feats_bpd, patch_mask_bp, caption_bt, caption_mask_bt, source_ids_b=None):
+    """Returns {'siglip': scalar, 'caption': mean caption NLL per token, 'caption_loss_sum',
+    'caption_weight_sum', 'source_loss_sum' [K], 'source_weight_sum' [K], 'loss'}.
 
     Args:
       feats_bpd: vision features of one image per example (padding slots arbitrary).
       patch_mask_bp: 1 for real patches.
       caption_bt: int caption tokens (BOS ... EOS, then padding).
       caption_mask_bt: 1 for real caption tokens.
+      source_ids_b: optional int source index in [0, K) of each example.
     """
     c = self.config
     pm = patch_mask_bp.astype(jnp.float32)
@@ -143,8 +146,11 @@ class CocaHeads(nn.Module):
     seg = (caption_mask_bt > 0).astype(jnp.int32)
     targets, weights = losses.shift_targets(caption_bt, caption_mask_bt, seg)
     nll = losses.cross_entropy_from_logits(logits, targets)
-    sums = losses.weighted_sums(nll, weights, None, 0)
+    src_bt = None if source_ids_b is None else jnp.broadcast_to(source_ids_b[:, None], nll.shape)
+    sums = losses.weighted_sums(nll, weights, src_bt, self.num_sources)
     caption = sums['loss_sum'] / jnp.maximum(sums['weight_sum'], 1.0)
     return {'siglip': l_siglip, 'caption': caption,
             'caption_loss_sum': sums['loss_sum'], 'caption_weight_sum': sums['weight_sum'],
+            'source_loss_sum': sums['source_loss_sum'],
+            'source_weight_sum': sums['source_weight_sum'],
             'loss': l_siglip + 2.0 * caption}

@@ -58,7 +58,7 @@ class _Preemption:
 def build_task(config, stage: stages_lib.Stage, source_names=(), media_pad_id: int = 0
                ) -> step_lib.Task:
   if stage.task == 'vit_pretrain':
-    return tasks_lib.vit_pretrain_task(stage.model)
+    return tasks_lib.vit_pretrain_task(stage.model, source_names=source_names)
   if stage.task == 'lm':
     return tasks_lib.lm_task(stage.model, config.train, source_names)
   return tasks_lib.kimi_vl_task(stage.model, config.train, source_names, media_pad_id)

@@ -8,7 +8,7 @@ Batch keys (host numpy, leading axis B):
   tokens, segment_ids, positions, loss_mask, source_ids: [B, S] int32 (LM rows);
   patches [B, P, 588] float32 and patch_segment_ids, patch_rows, patch_cols, patch_grid_h,
   patch_grid_w [B, P] int32 (``data/pipeline.py``);
-  caption, caption_mask: [B, T] int32 (vit_pretrain only).
+  caption, caption_mask: [B, T] int32 and source_ids [B] int32 (vit_pretrain only).
 
 The LM loss is next-token CE over ``loss_mask``-ed targets (``losses.shift_targets``) plus
 ``seq_balance_loss_alpha * balance_loss``. With ``train.loss_vocab_chunk > 0`` the CE is computed
@@ -137,20 +137,27 @@ def kimi_vl_task(model_cfg, train_cfg, source_names=(), media_pad_id: int = 0) -
 class VitPretrainModel(nn.Module):
   """MoonViT (parameters under ``vision_tower``, as in Kimi-VL) + CoCa heads."""
   config: FrozenConfigDict   # the model block (vision) + coca head block
+  num_sources: int = 0
 
   @nn.compact
-  def __call__(self, patches, patch_segment_ids, rows, cols, grid_h, grid_w, caption, caption_mask):
+  def __call__(self, patches, patch_segment_ids, rows, cols, grid_h, grid_w, caption, caption_mask,
+               source_ids=None):
     from kimi_vl_jax.models.moonvit import MoonViT
     feats = MoonViT(self.config.vision, name='vision_tower')(
         patches, patch_segment_ids, rows, cols, grid_h, grid_w)
     # One image per example in this stage: every real patch belongs to segment 1.
-    return CocaHeads(self.config.coca, name='coca')(
-        feats.astype(jnp.float32), (patch_segment_ids > 0).astype(jnp.int32), caption, caption_mask)
+    return CocaHeads(self.config.coca, self.num_sources, name='coca')(
+        feats.astype(jnp.float32), (patch_segment_ids > 0).astype(jnp.int32), caption, caption_mask,
+        source_ids)
 
 
-def vit_pretrain_task(model_cfg, num_patches: int = 16, caption_len: int = 8) -> Task:
+def vit_pretrain_task(model_cfg, num_patches: int = 16, caption_len: int = 8,
+                      source_names=()) -> Task:
+  """MoonViT + CoCa heads. With ``source_names`` and a batch ``source_ids [B]``, the step's
+  ``source_loss`` metrics are the caption NLL per token of each source (SigLIP is a loss over
+  the whole batch and has no per-source share)."""
   cfg = FrozenConfigDict({'vision': model_cfg.vision.to_dict(), 'coca': model_cfg.coca.to_dict()})
-  model = VitPretrainModel(cfg)
+  model = VitPretrainModel(cfg, num_sources=len(source_names))
   patch_dim = cfg.vision.num_channels * cfg.vision.patch_size ** 2
 
   def init(rng):
@@ -163,11 +170,15 @@ def vit_pretrain_task(model_cfg, num_patches: int = 16, caption_len: int = 8) ->
   def loss(params, extra, batch, rng):
     del rng
     out = model.apply({'params': params, **extra}, *(batch[k] for k in PATCH_KEYS),
-                      batch['caption'], batch['caption_mask'])
-    return out['loss'], {'sums': {'denom': jnp.ones((), jnp.float32)},
+                      batch['caption'], batch['caption_mask'], batch.get('source_ids'))
+    sums = {'denom': jnp.ones((), jnp.float32)}
+    if source_names:
+      sums.update(source_loss_sum=out['source_loss_sum'],
+                  source_weight_sum=out['source_weight_sum'])
+    return out['loss'], {'sums': sums,
                          'means': {'siglip': out['siglip'], 'caption': out['caption']}}
 
-  return Task('vit_pretrain', init, loss, (), model, cfg)
+  return Task('vit_pretrain', init, loss, tuple(source_names), model, cfg)
 
 
 def host_batch_tokens(batch: dict) -> int:

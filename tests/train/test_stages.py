@@ -172,6 +172,17 @@ def test_vit_pretrain_mixture_reads_source_views_by_name():
   for cap, mask in zip(batch['caption'], batch['caption_mask']):
     text = src.tok.decode([int(t) for t, m in zip(cap, mask) if m][1:-1])   # no BOS, EOS
     assert text.split()[-1] in words, text       # every caption reads one word: no numbers
+  # Each row names its source (index into source_names): the per-source caption loss metric.
+  c.stages.vit_pretrain.mixture = 'shapes=1,words=1'
+  src = data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))
+  assert src.source_names == ('shapes', 'words')
+  batch = src.next()
+  assert batch['source_ids'].shape == (batch['caption'].shape[0],)
+  assert set(batch['source_ids'].tolist()) == {0, 1}
+  from kimi_vl_jax.data.generated.ocr import _QUESTIONS as OCR_QUESTIONS
+  for cap, mask, sid in zip(batch['caption'], batch['caption_mask'], batch['source_ids']):
+    text = src.tok.decode([int(t) for t, m in zip(cap, mask) if m][1:-1])   # question + answer
+    assert text.startswith(OCR_QUESTIONS) == (sid == 1), (text, sid)
   c.stages.vit_pretrain.mixture = 'shapes=1,nope=1'
   with pytest.raises(ValueError, match=r"stages.vit_pretrain.mixture: 'nope'"):
     data_lib.make_source(c, stages_lib.resolve(c, 'vit_pretrain'))

@@ -45,3 +45,35 @@ def test_chunked_vocab_loss_matches_full_logits_on_the_lm():
     logits, _ = task.model.apply(variables, toks[i:i + 1, :n], jnp.ones((1, n), jnp.int32),
                                  jnp.arange(n)[None])
     assert int(new[i, 0]) == int(jnp.argmax(logits[0, -1]))
+
+
+def test_vit_pretrain_caption_loss_per_source():
+  """Per-source caption sums: each source's mean equals the caption loss of its rows alone
+  (the caption NLL of a row does not depend on the other rows; SigLIP does and is not split)."""
+  c = base_config('tiny')
+  rng = np.random.default_rng(0)
+  b, p, t = 4, 16, 6
+  task = tasks.vit_pretrain_task(c.model, num_patches=p, caption_len=t, source_names=('a', 'b'))
+  assert task.source_names == ('a', 'b')
+  variables = nn.unbox(task.init(jax.random.PRNGKey(0)))
+  params = variables.pop('params')
+  grid = np.full((b, p), 4, np.int32)
+  batch = {'patches': rng.normal(size=(b, p, 588)).astype(np.float32),
+           'patch_segment_ids': np.ones((b, p), np.int32),
+           'patch_rows': np.tile(np.repeat(np.arange(4), 4), (b, 1)).astype(np.int32),
+           'patch_cols': np.tile(np.tile(np.arange(4), 4), (b, 1)).astype(np.int32),
+           'patch_grid_h': grid, 'patch_grid_w': grid,
+           'caption': rng.integers(3, 512, (b, t)).astype(np.int32),
+           'caption_mask': np.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0], [1] * 3 + [0] * 3],
+                                    np.int32),
+           'source_ids': np.array([0, 1, 1, 0], np.int32)}
+  _, aux = task.loss(params, variables, batch, None)
+  per_source = aux['sums']['source_loss_sum'] / aux['sums']['source_weight_sum']
+  # Next-token targets per row: caption length - 1.
+  np.testing.assert_array_equal(aux['sums']['source_weight_sum'], [5 + 2, 3 + 4])
+  for k, rows in enumerate(([0, 3], [1, 2])):
+    sub = {key: v[rows] for key, v in batch.items()}
+    _, aux_k = task.loss(params, variables, sub, None)
+    np.testing.assert_allclose(per_source[k], aux_k['means']['caption'], rtol=1e-5)
+  np.testing.assert_allclose(aux['sums']['source_loss_sum'].sum() / 14, aux['means']['caption'],
+                             rtol=1e-5)
