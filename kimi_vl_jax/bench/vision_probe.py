@@ -122,7 +122,8 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--views', default=(
       'ocr?tasks=ocr_word&max_side=112;'
-      'ocr?tasks=ocr_word&min_side=112&max_side=112&max_angle=0&min_fill=0.95'),
+      'ocr?tasks=ocr_word&min_side=112&max_side=112&max_angle=0&min_fill=0.95;'
+      'ocr?tasks=ocr_word&min_side=112&max_side=112&max_angle=0&min_fill=0.95&aspect=2'),
       help='generated paths separated by ";"')
   p.add_argument('--steps', type=int, default=150)
   p.add_argument('--batch', type=int, default=64)

@@ -219,10 +219,34 @@ def test_ocr_layout_options_narrow_angle_and_size():
   assert min(fracs) < 0.9 and any(default.spec(i)['angle'] for i in range(30))
 
 
+def test_ocr_aspect_draws_a_text_line_canvas_the_text_fills():
+  """aspect=2: every canvas is w x w/2 with w in [min_side, max_side]; the upright text fills
+  most of both sides (within the margins), and its pixels lie inside the drawn layout."""
+  from kimi_vl_jax.data.generated import ocr
+  from kimi_vl_jax.data.sources import parse_generated_path
+  name, kw = parse_generated_path('ocr?tasks=ocr_word&min_side=96&max_side=112'
+                                  '&max_angle=0&min_fill=0.95&aspect=2')
+  ds = g.get_dataset(name, 'train', 0, **kw)
+  widths = set()
+  for i in range(40):
+    r = ds[i]
+    m, img = r['meta'], _images(r)[0]
+    assert 96 <= m['w'] <= 112 and m['h'] == round(m['w'] / 2), m
+    assert img.shape[:2] == (m['h'], m['w'])
+    widths.add(m['w'])
+    ink = np.argwhere(np.abs(img.astype(int) - np.array(m['bg'])).sum(-1) > 60)
+    (y0, x0), (y1, x1) = ink.min(0), ink.max(0)
+    # The limiting side is filled: text spans > 60% of the width or > 45% of the height.
+    assert (x1 - x0) > 0.6 * m['w'] or (y1 - y0) > 0.45 * m['h'], (r['answer'], m)
+  assert len(widths) > 5
+
+
 @pytest.mark.parametrize('kw, field', [(dict(max_angle='upright'), 'max_angle'),
                                        (dict(max_angle=120), 'max_angle'),
                                        (dict(min_fill='0'), 'min_fill'),
-                                       (dict(min_fill=1.5), 'min_fill')])
+                                       (dict(min_fill=1.5), 'min_fill'),
+                                       (dict(aspect='wide'), 'aspect'),
+                                       (dict(aspect=0.5), 'aspect')])
 def test_ocr_layout_options_reject_bad_values(kw, field):
   with pytest.raises(ValueError, match=f'ocr: {field}='):
     g.get_dataset('ocr', **kw)

@@ -6,12 +6,15 @@ fonts, rotation within +-10 degrees. 1: 100 words or numbers up to 99999, obliqu
 +-30 degrees, tinted colours. 2: all words, two-word phrases, numbers up to 9999999,
 +-60 degrees, light text on dark backgrounds too.
 
-Two keyword arguments narrow a tier's layout: ``max_angle`` (degrees; 0 = upright) and
-``min_fill`` (the smallest text size as a fraction of the largest that fits; near 1 the text
-fills the image, so its size and position barely vary). A from-scratch ViT learns to read the
+Keyword arguments narrow a tier's layout: ``max_angle`` (degrees; 0 = upright), ``min_fill``
+(the smallest text size as a fraction of the largest that fits; near 1 the text fills the
+image, so its size barely varies) and ``aspect`` (width / height of a text-line canvas; the
+width is drawn in [min_side, max_side]; a short word then fills both directions, so its
+position barely varies either). A from-scratch ViT learns to read the
 full tier-0 layout slowly: supervised on 9,600 word images (``python -m
 kimi_vl_jax.bench.vision_probe``) it stays at chance (0.04 held-out) at 56-112 px and reaches
-0.58 on upright text filling a 112 px canvas (the demo's OCR view).
+0.58 on upright text filling a 112 px canvas and 0.71 on a 112 x 56 text line (``aspect=2``,
+the demo's OCR view).
 """
 from __future__ import annotations
 
@@ -55,9 +58,12 @@ class OcrDataset(base.GeneratedDataset):
   DEFAULT_TASKS = TASKS
 
   def __init__(self, *args, max_angle: int | str | None = None,
-               min_fill: float | str | None = None, **kw):
+               min_fill: float | str | None = None, aspect: float | str | None = None, **kw):
     super().__init__(*args, **kw)
     d = self.difficulty
+    self.aspect = None if aspect is None else _number('aspect', aspect, float)
+    if self.aspect is not None and not 1 <= self.aspect <= 8:
+      raise ValueError(f'ocr: aspect={aspect!r}; expected a width / height ratio in [1, 8]')
     self.max_angle = MAX_ANGLE[d] if max_angle is None else _number('max_angle', max_angle, int)
     if not 0 <= self.max_angle <= 90:
       raise ValueError(f'ocr: max_angle={max_angle!r}; expected degrees in [0, 90]')
@@ -85,7 +91,11 @@ class OcrDataset(base.GeneratedDataset):
     font = rng.choice(render.font_names(d))
     angle = rng.randint(-self.max_angle, self.max_angle)
     for _ in range(100):      # redraw the canvas until the text fits at a legible size
-      w, h = self.image_size(rng)
+      if self.aspect is None:
+        w, h = self.image_size(rng)
+      else:                   # a text-line canvas: width in [min_side, max_side], fixed ratio
+        w = rng.randint(self.min_side, self.max_side)
+        h = max(8, round(w / self.aspect))
       if _estimate_fit(font, text, w, h, angle) >= MIN_FONT_PX + 2:
         break
     else:
