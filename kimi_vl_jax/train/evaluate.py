@@ -37,8 +37,19 @@ CHANCE = {name: float(np.mean([chance_level(t) for t in tasks]))
           for name, (_, tasks) in EXACT_MATCH_SETS.items() if name != 'needle'}
 
 
-def _prompt(record: dict, tok, image_cfg, patches: int, seq_len: int):
-  """Prompt ids (all turns but the answer, then the assistant header) and packed images."""
+# Eval rows are cut to the prompts they hold (tokens and patch slots rounded up to these), not
+# the stage's training rows: greedy decoding reruns the model per new token, and one short
+# prompt in a 256-token row with 512 patch slots cost ~45 s per eval point in the demo.
+_EVAL_ROUND_TOKENS = 64
+_EVAL_ROUND_PATCHES = 64
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _prompt(record: dict, tok, image_cfg, seq_len: int):
+  """Prompt ids (all turns but the answer, then the assistant header) and processed images."""
   messages = record['messages'][:-1]
   images = [ip.process_image(it['image'], image_cfg) for m in messages
             for it in chat_template.content_items(m) if it['type'] == 'image']
@@ -47,10 +58,23 @@ def _prompt(record: dict, tok, image_cfg, patches: int, seq_len: int):
   if len(ids) > seq_len:
     raise ValueError(f'{record.get("origin")}: prompt of {len(ids)} tokens exceeds the eval row '
                      f'length {seq_len}')
-  return ids, patch_packing.pack_images(images, patches) if patches else None
+  return ids, images
 
 
-def _rows(prompts, seq_len: int, batch: int):
+def _eval_shape(prompts, max_new: int, seq_len: int, patches: int) -> tuple[int, int]:
+  """(row tokens, patch slots) that hold every prompt plus ``max_new`` tokens, rounded up
+  (few distinct shapes, few compiles) and capped at the stage's row."""
+  need = max(len(ids) for ids, _ in prompts) + max_new
+  slots = max(sum(im.num_patches for im in images) for _, images in prompts)
+  return (min(seq_len, _round_up(need, _EVAL_ROUND_TOKENS)),
+          min(patches, _round_up(max(slots, 1), _EVAL_ROUND_PATCHES)))
+
+
+def _rows(prompts, seq_len: int, batch: int, patches: int = 0):
+  """Greedy-decoding rows: tokens [batch, seq_len], lens [batch], packed images (when
+  ``patches``); one prompt per row, rows past the prompts repeat the first."""
+  prompts = [(ids, patch_packing.pack_images(images, patches) if patches else None)
+             for ids, images in prompts]
   b = len(prompts)
   tokens = np.zeros((batch, seq_len), np.int32)
   lens = np.ones((batch,), np.int32)
@@ -204,10 +228,10 @@ class Evaluator:
   def generate(self, config, stage, task, state, mesh, tok, image_cfg, patches, records) -> list[str]:
     dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
     batch = -(-len(records) // dp) * dp
-    seq = stage.seq_len
-    prompts = [_prompt(r, tok, image_cfg, patches, seq - self.max_new) for r in records]
-    rows = _rows(prompts, seq, batch)
-    key = (stage.name, id(task), batch, seq)
+    prompts = [_prompt(r, tok, image_cfg, stage.seq_len - self.max_new) for r in records]
+    seq, patches = _eval_shape(prompts, self.max_new, stage.seq_len, patches)
+    rows = _rows(prompts, seq, batch, patches)
+    key = (stage.name, id(task))       # jit keeps one executable per row shape
     if key not in self._cache:
       self._cache = {key: jax.jit(make_greedy(task, self.max_new))}
     host = {k: v for k, v in rows.items()}

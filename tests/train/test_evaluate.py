@@ -82,3 +82,31 @@ def test_held_out_descriptions_name_the_view_an_eval_set_uses():
   described = evaluate.held_out_descriptions(c)
   assert described['ocr'] == 'ocr?tasks=ocr_word&max_side=112&max_angle=0'
   assert described['counting'] == 'shapes?tasks=count&max_side=112'
+
+
+def test_greedy_rows_cut_to_the_prompts_decode_like_the_stage_rows():
+  """Eval rows hold the prompts (64-token and 64-slot multiples), not the stage's training
+  rows; the decoded tokens are the same as in full-size rows (padding is never attended)."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from kimi_vl_jax.data import image_processor as ip
+  from kimi_vl_jax.data import special_tokens as st
+  from kimi_vl_jax.data.tokenizer import load_or_train
+  from kimi_vl_jax.train import tasks
+  c = base_config('tiny')
+  c.train.image_max_side = 56
+  tok = load_or_train(c.data.tokenizer, c.model.lm.vocab_size, c.data.tokenizer_cache)
+  image_cfg = ip.ImageProcessorConfig.from_vision_config(c.model.vision, c.data.in_token_limit)
+  task = tasks.kimi_vl_task(c.model, c.train, media_pad_id=tok.token_id(st.MEDIA_PAD))
+  variables = nn.unbox(task.init(jax.random.PRNGKey(0)))
+  params = variables.pop('params')
+  ds = evaluate.eval_dataset(c, 'shapes', ('count',), seq_len=256)
+  prompts = [evaluate._prompt(ds[i], tok, image_cfg, 256 - 4) for i in range(3)]
+  seq, slots = evaluate._eval_shape(prompts, 4, seq_len=256, patches=512)
+  assert (seq, slots) == (64, 64), (seq, slots)
+  assert evaluate._eval_shape(prompts, 4, seq_len=48, patches=32) == (48, 32)   # capped
+  greedy = jax.jit(evaluate.make_greedy(task, 4))
+  cut = greedy(params, variables, evaluate._rows(prompts, seq, 4, slots))
+  full = greedy(params, variables, evaluate._rows(prompts, 256, 4, 512))
+  np.testing.assert_array_equal(np.asarray(cut), np.asarray(full))
