@@ -10,11 +10,10 @@ Keyword arguments narrow a tier's layout: ``max_angle`` (degrees; 0 = upright), 
 (the smallest text size as a fraction of the largest that fits; near 1 the text fills the
 image, so its size barely varies) and ``aspect`` (width / height of a text-line canvas; the
 width is drawn in [min_side, max_side]; a short word then fills both directions, so its
-position barely varies either). A from-scratch ViT learns to read the
-full tier-0 layout slowly: supervised on 9,600 word images (``python -m
-kimi_vl_jax.bench.vision_probe``) it stays at chance (0.04 held-out) at 56-112 px and reaches
-0.58 on upright text filling a 112 px canvas and 0.71 on a 112 x 56 text line (``aspect=2``,
-the demo's OCR view).
+position barely varies either). A from-scratch ViT learns to read the full tier-0 layout
+slowly: supervised on 9,600 word images (``python -m kimi_vl_jax.bench.vision_probe``) it
+stays at chance (0.04 held-out) at 56-112 px, and reaches 0.58 on upright text filling a
+112 px canvas and 0.71 on a 112 x 56 text line (``aspect=2``, the demo's OCR view).
 """
 from __future__ import annotations
 
