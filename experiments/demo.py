@@ -107,6 +107,8 @@ def get_config(arg=None):
   s.sft_1.max_patches_per_row = 448   # its rows held at most 448 real patches (mean 352)
   _fine_tune(s.sft_1, steps=190, lr=2e-3, end_lr=2e-4, warmup=5, mixture=_SFT_IMAGES, evals=())
   _fine_tune(s.sft_2, steps=5, lr=1e-4, end_lr=1e-5, warmup=2, mixture=_SFT_IMAGES)
+  # sft_1's row shape (and rope theta): the two run one compiled program (train/step.py).
+  s.long_cot_sft.max_patches_per_row = 448
   _fine_tune(s.long_cot_sft, steps=5, lr=1e-4, end_lr=1e-5, warmup=2,
              mixture='math=2,shapes=1,counting=1,words=1', evals=_EVAL)
   return c

@@ -33,6 +33,10 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       checkpoint_every=0,        # steps between checkpoints inside a stage (0 = stage end only)
       keep_checkpoints=2,        # last N per stage (each stage's final is kept as well)
       async_checkpoints=True,
+      # Persistent XLA compilation cache: 'auto' = <workdir>/compilation_cache unless
+      # jax_compilation_cache_dir is already set (env or jax.config); '' = off; else a path.
+      # Stages that run the same program (step.py) and resumed runs skip compiling.
+      compilation_cache='auto',
       profile_start=-1,          # step (within each stage) of the first traced step (-1 = off)
       profile_steps=3,
       image_max_side=224,        # max image side in pixels of vit_pretrain (stage image_sides

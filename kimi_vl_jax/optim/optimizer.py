@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kimi_vl_jax.optim import muon as muon_math
 from kimi_vl_jax.optim import zero1
 from kimi_vl_jax.optim.routes import ADAMW, ROUTES, Route, route_params
-from kimi_vl_jax.optim.schedule import make_schedule
+from kimi_vl_jax.optim.schedule import lr_at, make_schedule, schedule_params as schedule_params_of
 from kimi_vl_jax.parallel.sharding import fit_spec_to_shape, fitted_param_shardings
 
 GROUPS = ('muon', 'adamw')
@@ -51,6 +51,7 @@ class Optimizer(optax.GradientTransformation):
   plan: Any
   state_shardings: Any
   schedule: Any
+  schedule_params: Any      # the schedule's numbers (``schedule.schedule_params``)
 
 
 def _is_plan(x) -> bool:
@@ -133,7 +134,9 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
     return MuonAdamWState(jnp.zeros([], jnp.int32), treedef.unflatten(mu), treedef.unflatten(nu),
                           {g: jnp.zeros([], jnp.float32) for g in GROUPS})
 
-  def update(grads, state, params=None):
+  def update(grads, state, params=None, schedule_params=None):
+    """``schedule_params`` (``schedule.schedule_params``, as arrays) replaces the schedule
+    built from ``optim_cfg``: the lr becomes data, not a constant of the compiled program."""
     if params is None and wd:
       raise ValueError('build_optimizer: update needs params for weight decay')
     g_leaves = treedef.flatten_up_to(grads)
@@ -141,7 +144,7 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
     count_inc = optax.safe_increment(state.count)
-    lr = schedule(state.count)
+    lr = schedule(state.count) if schedule_params is None else lr_at(state.count, schedule_params)
     sq = {g: jnp.zeros([], jnp.float32) for g in GROUPS}
     n_el = {g: 0 for g in GROUPS}
     out_u, out_mu, out_nu = [], [], []
@@ -179,6 +182,7 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
   opt = Optimizer(init, update)
   opt.plan = plan
   opt.schedule = schedule
+  opt.schedule_params = schedule_params_of(optim_cfg, total_steps)
   opt.state_shardings = None
   if mesh is not None:
     replicated = NamedSharding(mesh, P())

@@ -4,11 +4,18 @@
 is the first update; warmup rises linearly from 0 so that step ``warmup_steps`` has the peak
 ``lr``. The decay phase runs from ``warmup_steps`` to ``decay_steps`` (counted from step 0,
 warmup included) and ends at ``lr * end_lr_ratio`` (Moonlight: 4.2e-4 -> 4.2e-5, SPEC §4.1).
+
+The same schedule as data: ``schedule_params(optim_cfg, total_steps)`` gives its numbers as
+float32 scalars and ``lr_at(step, params)`` evaluates it in the graph. A train step that takes
+the params as an argument compiles to the same program for every stage whose schedules differ
+only in numbers (kind included), so the persistent compilation cache serves them all.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULES = ('cosine', 'linear', 'constant')
@@ -49,3 +56,30 @@ def make_schedule(optim_cfg, total_steps: Optional[int] = None) -> optax.Schedul
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def schedule_params(optim_cfg, total_steps: Optional[int] = None) -> dict:
+  """``make_schedule``'s numbers as float32 scalars (see ``lr_at``): peak, end, warmup steps,
+  decay span (steps after warmup) and the kind as 0/1 flags."""
+  name = optim_cfg.schedule
+  make_schedule(optim_cfg, total_steps)   # the same validation and errors
+  peak = float(optim_cfg.lr)
+  warmup = int(optim_cfg.warmup_steps)
+  end = peak * float(optim_cfg.end_lr_ratio)
+  span = 1 if name == 'constant' else max(decay_steps_of(optim_cfg, total_steps) - warmup, 1)
+  f32 = lambda x: np.float32(x)
+  return {'peak': f32(peak), 'end': f32(end), 'warmup': f32(warmup), 'span': f32(span),
+          'cosine': f32(name == 'cosine'), 'constant': f32(name == 'constant')}
+
+
+def lr_at(step, params: dict):
+  """The lr at ``step`` (int or int array) of a ``schedule_params`` schedule; equals
+  ``make_schedule(...)(step)`` to float32 rounding."""
+  p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+  t = jnp.asarray(step, jnp.float32)
+  warm = p['peak'] * t / jnp.maximum(p['warmup'], 1.0)
+  frac = jnp.clip((t - p['warmup']) / p['span'], 0.0, 1.0)    # decay progress in [0, 1]
+  shape = jnp.where(p['cosine'] > 0, 0.5 * (1.0 + jnp.cos(jnp.pi * frac)), 1.0 - frac)
+  decay = p['end'] + (p['peak'] - p['end']) * shape
+  decay = jnp.where(p['constant'] > 0, p['peak'], decay)
+  return jnp.where(t < p['warmup'], warm, decay)

@@ -11,6 +11,7 @@ uninterrupted run would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -75,6 +76,11 @@ def run_experiment(config, workdir: str, stages: Optional[Sequence[str]] = None,
   if not workdir:
     raise ValueError('run_experiment: --workdir is required for training')
   os.makedirs(workdir, exist_ok=True)
+  with compilation_cache(config.train.get('compilation_cache', ''), workdir):
+    return _run_stages(config, workdir, stages, source_factory, evaluator)
+
+
+def _run_stages(config, workdir, stages, source_factory, evaluator) -> int:
   mesh = mesh_lib.build_mesh(config.mesh)
   source_factory = source_factory or _default_source_factory
   if evaluator is None:
@@ -93,6 +99,30 @@ def run_experiment(config, workdir: str, stages: Optional[Sequence[str]] = None,
       if jax.process_index() == 0:   # refreshed after every stage: a partial run has a report
         write_run_report(workdir, config)
   return 0
+
+
+@contextlib.contextmanager
+def compilation_cache(setting: str, workdir: str):
+  """JAX's persistent compilation cache at ``config.train.compilation_cache`` (see
+  config/base.py) while the block runs; yields the directory (None when off) and restores the
+  previous setting afterwards."""
+  before = jax.config.jax_compilation_cache_dir
+  if setting == 'auto':
+    path = before or os.path.join(workdir, 'compilation_cache')
+  else:
+    path = setting or None
+
+  def point_at(p):
+    if p != jax.config.jax_compilation_cache_dir:
+      from jax.experimental.compilation_cache import compilation_cache as cc
+      jax.config.update('jax_compilation_cache_dir', p)
+      cc.reset_cache()   # the next compile opens the new directory
+
+  point_at(path)
+  try:
+    yield path
+  finally:
+    point_at(before)
 
 
 def write_run_report(workdir: str, config=None) -> dict:
@@ -150,6 +180,17 @@ def _init_from(path: str):
 
 
 def _init_state(task, opt, sh, rng, prev):
+  """A fresh state (new optimizer state) whose parameters come from ``prev`` where path and
+  shape match. When ``prev`` covers every tensor, no random init is compiled or run."""
+  if prev is not None:
+    shapes = state_lib.split_variables(nn.unbox(jax.eval_shape(task.init, rng)))
+    params, copied = stages_lib.transfer_params(prev[0], shapes[0])
+    extra, _ = stages_lib.transfer_params(prev[1], shapes[1])
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((params, extra))):
+      fresh = jax.jit(lambda p, e: state_lib.create_state(p, e, opt, jax.random.fold_in(rng, 1)),
+                      in_shardings=(sh.params, sh.extra), out_shardings=sh)
+      return fresh(jax.device_put(params, sh.params), jax.device_put(extra, sh.extra)), copied
+
   def make():
     params, extra = state_lib.split_variables(nn.unbox(task.init(rng)))
     return state_lib.create_state(params, extra, opt, jax.random.fold_in(rng, 1))
@@ -167,12 +208,14 @@ def _init_state(task, opt, sh, rng, prev):
 class _LazyJit:
   """``jit_train_step`` built on the first call, when the batch's structure is known."""
 
-  def __init__(self, step_fn, shardings, mesh):
+  def __init__(self, step_fn, shardings, mesh, hparams=None):
     self.step_fn, self.shardings, self.mesh, self.fn = step_fn, shardings, mesh, None
+    self.hparams = hparams
 
   def _jitted(self, batch):
     if self.fn is None:
-      self.fn = step_lib.jit_train_step(self.step_fn, self.shardings, batch, self.mesh)
+      self.fn = step_lib.jit_train_step(self.step_fn, self.shardings, batch, self.mesh,
+                                        self.hparams)
     return self.fn
 
   def __call__(self, state, batch):
@@ -216,7 +259,9 @@ def prepare_stage(config, stage: stages_lib.Stage, mesh, source_factory=None) ->
                                  router_bias_rate=stage.router_bias_rate,
                                  param_cast_dtype=t.param_cast_dtype)
   step_fn = step_lib.make_train_step(task, opt, step_cfg, mask, getattr(opt, 'schedule', None))
-  jitted = _LazyJit(step_fn, sh, mesh)
+  # The lr schedule and router-bias rate as arguments: one compiled program for stages that
+  # differ only in those numbers (step.py).
+  jitted = _LazyJit(step_fn, sh, mesh, step_lib.step_hparams(opt, step_cfg))
   return PreparedStage(source, task, opt, sh, rng, jitted, step_fn)
 
 

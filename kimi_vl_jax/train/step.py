@@ -7,6 +7,13 @@ microbatches (must contain ``denom``, the normalizer of ``objective_sum``, e.g. 
 target tokens) and ``aux['means']`` are averaged. Dividing the summed objective by the summed
 denominator once makes accumulation over M microbatches equal to one big batch.
 
+Per-stage numbers as data: ``step(state, batch, hparams)`` with ``hparams = step_hparams(...)``
+takes the lr schedule's numbers and the router-bias rate as arguments instead of compiling them
+in, so stages that differ only in those numbers (joint pretraining and cooldown; long-context
+and SFT at one context length) run one program, compiled once and then read from the
+persistent compilation cache. Without ``hparams`` they come from ``StepConfig`` and the
+optimizer's own schedule.
+
 Non-finite loss or gradients: parameters, optimizer state and router stay as they were, the step
 counts as skipped, and ``nonfinite_run`` grows; the loop raises after N in a row. So a state never
 holds NaNs, and neither does a checkpoint.
@@ -18,9 +25,11 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kimi_vl_jax.optim.schedule import lr_at
 from kimi_vl_jax.parallel import sharding as shard_lib
 from kimi_vl_jax.train import losses
 from kimi_vl_jax.train.state import TrainState
@@ -43,6 +52,12 @@ class StepConfig:
   grad_clip_norm: float = 1.0          # 0 = off
   router_bias_rate: float = 0.0        # u of b += u * sign(mean_load - load); 0 = frozen bias
   param_cast_dtype: str = 'none'       # 'bfloat16': forward/backward in bf16 from fp32 masters
+
+
+def step_hparams(tx, cfg: StepConfig) -> dict:
+  """The runtime numbers of a step (module docstring): float32 host scalars."""
+  return {'schedule': dict(tx.schedule_params),
+          'router_bias_rate': np.float32(cfg.router_bias_rate)}
 
 
 def _cast(tree, dtype_name: str):
@@ -85,7 +100,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-  def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+  def step(state: TrainState, batch, hparams=None) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     if cfg.microbatches == 1:
       (obj, aux), grads = grad_fn(state.params, state.extra, batch, rng)
@@ -122,15 +137,19 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
     # A non-finite gradient would poison the optimizer moments even if discarded afterwards in
     # a data-dependent way; feed zeros and drop the whole result instead.
     grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if hparams is None:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                     schedule_params=hparams['schedule'])
     updates = _masked(updates, trainable, jnp.zeros_like)
     params = optax.apply_updates(state.params, updates)
 
     extra = state.extra
-    if 'router' in extra and 'load_le' in sums and cfg.router_bias_rate > 0:
-      from kimi_vl_jax.models.moe import update_router_bias
-      extra = dict(extra, router=update_router_bias(extra['router'], sums['load_le'],
-                                                    cfg.router_bias_rate))
+    rate = cfg.router_bias_rate if hparams is None else hparams['router_bias_rate']
+    if 'router' in extra and 'load_le' in sums and (hparams is not None or rate > 0):
+      from kimi_vl_jax.models.moe import update_router_bias   # a rate of 0 leaves it as is
+      extra = dict(extra, router=update_router_bias(extra['router'], sums['load_le'], rate))
 
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = state.replace(
@@ -152,7 +171,9 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
         'target_tokens': sums['denom'],
         **{k: v for k, v in means.items()},
     }
-    if lr_fn is not None:
+    if hparams is not None:
+      metrics['lr'] = lr_at(state.step, hparams['schedule'])
+    elif lr_fn is not None:
       metrics['lr'] = lr_fn(state.step)
     if 'source_loss_sum' in sums and sums['source_loss_sum'].shape[0]:
       metrics['source_loss'] = sums['source_loss_sum'] / jnp.maximum(sums['source_weight_sum'], 1.0)
@@ -166,9 +187,28 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
   return step
 
 
-def jit_train_step(step_fn, state_sh: TrainState, batch_example, mesh: Mesh):
-  """``jax.jit`` with explicit in/out shardings; the state is donated."""
+def jit_train_step(step_fn, state_sh: TrainState, batch_example, mesh: Mesh, hparams=None):
+  """``jax.jit`` with explicit in/out shardings; the state is donated. With ``hparams``
+  (``step_hparams``) the result is still called as ``fn(state, batch)``: the numbers are placed
+  once (replicated) and passed on every call."""
   batch_sh = shard_lib.batch_shardings(batch_example, mesh)
-  metrics_sh = NamedSharding(mesh, P())
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))
+  replicated = NamedSharding(mesh, P())
+  if hparams is None:
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  return _WithHparams(jitted, jax.device_put(hparams, replicated))
+
+
+class _WithHparams:
+  """``fn(state, batch)`` for a jitted ``step(state, batch, hparams)`` with fixed hparams."""
+
+  def __init__(self, jitted, hparams):
+    self.jitted, self.hparams = jitted, hparams
+
+  def __call__(self, state, batch):
+    return self.jitted(state, batch, self.hparams)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, self.hparams)

@@ -3,6 +3,7 @@
 Exact resume: N steps with a checkpoint every N/2, kill -9 once step N's checkpoint is committed,
 resume to 2N: losses and parameters equal (bitwise) those of 2N uninterrupted steps.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -181,3 +182,88 @@ def test_train_step_exchanges_tokens_over_the_expert_axis_and_matches_data_paral
   np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                out[2][1], out[1][1])
+
+
+def _pair_config():
+  """Tiny text-only joint pretraining and cooldown: the defaults give them different lr
+  schedules (cosine / linear to 0), warmups, budgets and router-bias rates (> 0 / 0)."""
+  c = _expert_parallel_config(1)
+  c.stages.cooldown.task = 'lm'
+  c.stages.joint_pretrain.steps = 3
+  c.stages.cooldown.steps = 2
+  return c
+
+
+def test_stages_differing_only_in_lr_and_router_rate_share_one_program():
+  """The loop passes the schedule and router rate as data (``step.step_hparams``), so joint
+  pretraining and cooldown lower to the same program, which the persistent compilation cache
+  then compiles once."""
+  from kimi_vl_jax.parallel import mesh as mesh_lib, sharding as shard_lib
+  from kimi_vl_jax.train import loop, stages as stages_lib
+  c = _pair_config()
+  mesh = mesh_lib.build_mesh(c.mesh)
+  texts, hparams = [], []
+  for name in ('joint_pretrain', 'cooldown'):
+    stage = stages_lib.resolve(c, name)
+    prep = loop.prepare_stage(c, stage, mesh)
+    batch = shard_lib.make_global_batch(prep.source.next(), mesh)
+    st, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
+    texts.append(prep.jitted.lower(st, batch).as_text())
+    hparams.append(jax.device_get(prep.jitted.hparams))
+  assert hparams[0]['router_bias_rate'] > 0 and hparams[1]['router_bias_rate'] == 0
+  assert hparams[0]['schedule']['cosine'] == 1 and hparams[1]['schedule']['cosine'] == 0
+  assert texts[0] == texts[1]
+
+
+def test_init_from_previous_stage_without_random_init():
+  """A stage whose tensors all come from the previous stage builds its state without running
+  the random init (traced once, for shapes only; the init-then-copy path traces it again to run
+  it), and gets exactly what the init-then-copy path gives; a tensor the previous stage lacks
+  still gets its fresh init."""
+  from kimi_vl_jax.parallel import mesh as mesh_lib
+  from kimi_vl_jax.train import loop, stages as stages_lib
+  c = _pair_config()
+  mesh = mesh_lib.build_mesh(c.mesh)
+  prep = loop.prepare_stage(c, stages_lib.resolve(c, 'cooldown'), mesh)
+  fresh, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
+  fresh = jax.device_get(fresh)
+  prev_params = jax.tree.map(lambda x: x + 1.0, fresh.params)
+  prev = (prev_params, jax.tree.map(lambda x: x - 1.0, fresh.extra))
+
+  calls = []
+  counted = lambda: dataclasses.replace(   # a new function each time: no trace cache hits
+      prep.task, init=lambda rng: calls.append(1) or prep.task.init(rng))
+  st, copied = loop._init_state(counted(), prep.opt, prep.shardings, prep.rng, prev)
+  assert len(calls) == 1, 'the random init ran although every tensor came from the previous stage'
+  st = jax.device_get(st)
+  assert len(copied) == len(jax.tree.leaves(fresh.params))
+  jax.tree.map(np.testing.assert_array_equal, st.params, prev[0])
+  jax.tree.map(np.testing.assert_array_equal, st.extra, prev[1])
+  jax.tree.map(np.testing.assert_array_equal, st.opt_state, fresh.opt_state)
+  np.testing.assert_array_equal(st.rng, fresh.rng)
+  assert st.params['lm_head']['kernel'].dtype == np.float32
+
+  partial = dict(prev_params)
+  del partial['lm_head']
+  calls.clear()
+  st, copied = loop._init_state(counted(), prep.opt, prep.shardings, prep.rng, (partial, prev[1]))
+  assert len(calls) == 2
+  st = jax.device_get(st)
+  np.testing.assert_array_equal(st.params['lm_head']['kernel'], fresh.params['lm_head']['kernel'])
+  jax.tree.map(np.testing.assert_array_equal, st.params['embed_tokens'], prev_params['embed_tokens'])
+
+
+def test_compilation_cache_setting_is_scoped_to_the_run(tmp_path):
+  from kimi_vl_jax.train import loop
+  before = jax.config.jax_compilation_cache_dir
+  with loop.compilation_cache('auto', str(tmp_path)) as path:
+    assert path == (before or str(tmp_path / 'compilation_cache'))
+    assert jax.config.jax_compilation_cache_dir == path
+  assert jax.config.jax_compilation_cache_dir == before
+  with loop.compilation_cache('', str(tmp_path)) as path:
+    assert path is None and jax.config.jax_compilation_cache_dir is None
+  own = str(tmp_path / 'own')
+  with loop.compilation_cache(own, str(tmp_path)):
+    with loop.compilation_cache('auto', str(tmp_path)) as path:
+      assert path == own          # a directory the user already chose wins over 'auto'
+  assert jax.config.jax_compilation_cache_dir == before

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+import pytest
 
 from kimi_vl_jax.train import step as step_lib
 
@@ -71,3 +72,42 @@ def test_bf16_compute_keeps_fp32_master_weights(toy):
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(st.params))
   assert np.isfinite(float(m['loss'])) and int(m['skipped']) == 0
   assert not np.array_equal(jax.device_get(st.params)['body']['kernel'], before['body']['kernel'])
+
+
+def _muon_setup(toy, lr, schedule, rate):
+  from kimi_vl_jax.config import base_config
+  from kimi_vl_jax.optim import build_optimizer
+  task = toy.task()
+  ocfg = base_config('tiny').optim
+  ocfg.update(dict(lr=lr, schedule=schedule, warmup_steps=1))
+  abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))['params']
+  mesh = toy.setup(task, optax.adamw(1e-2), step_lib.StepConfig())[0]
+  tx = build_optimizer(ocfg, abstract, mesh, total_steps=6)
+  cfg = step_lib.StepConfig(router_bias_rate=rate)
+  mesh, sh, st = toy.setup(task, tx, cfg)
+  return task, tx, cfg, mesh, sh, st
+
+
+def test_hparams_step_equals_compiled_in_numbers_and_shares_one_program(toy):
+  """With ``step_hparams`` the lr schedule and router rate are arguments: the step gives the
+  same results as the one with the numbers compiled in, and stages that differ only in those
+  numbers (kind of schedule included) lower to the identical program."""
+  runs, programs = [], []
+  for lr, schedule, rate in ((1e-2, 'cosine', 0.0), (3e-3, 'linear', 1e-2)):
+    task, tx, cfg, mesh, sh, st = _muon_setup(toy, lr, schedule, rate)
+    step_fn = step_lib.make_train_step(task, tx, cfg, lr_fn=tx.schedule)
+    baked = step_lib.jit_train_step(step_fn, sh, toy.batch(0), mesh)
+    data = step_lib.jit_train_step(step_fn, sh, toy.batch(0), mesh, step_lib.step_hparams(tx, cfg))
+    programs.append((baked.lower(st, toy.batch(0)).as_text(), data.lower(st, toy.batch(0)).as_text()))
+    out = []
+    for fn in (baked, data):
+      s = jax.tree.map(lambda x: x.copy(), st)
+      lrs = []
+      for i in range(3):
+        s, m = fn(s, toy.batch(i))
+        lrs.append(float(m['lr']))
+      out.append((jax.device_get(s.params), lrs))
+    chex.assert_trees_all_close(out[0], out[1], rtol=1e-6, atol=1e-7)
+    assert out[1][1][0] == 0.0 and out[1][1][1] == pytest.approx(lr, rel=1e-6)
+  assert programs[0][1] == programs[1][1]      # one program for both stages
+  assert programs[0][0] != programs[1][0]      # numbers compiled in: two programs
