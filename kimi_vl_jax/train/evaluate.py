@@ -7,9 +7,10 @@ from training by construction, ``data/generated/base.py``):
 - ``needle``: a 4-digit code hidden in a haystack that fills about the stage's row length.
 
 Greedy decoding runs the full model over a fixed [B, S] buffer once per new token inside one
-``fori_loop`` (no KV cache: the prompt carries images, and answers are a few tokens), and reads
-only the last position's logits from the final hidden states (``lm_head`` applied to one vector
-per row), so long rows never materialize [B, S, V].
+``while_loop`` (no KV cache: the prompt carries images, and answers are a few tokens) that ends
+once every row has emitted the end of its turn, and reads only the last position's logits from
+the final hidden states (``lm_head`` applied to one vector per row), so long rows never
+materialize [B, S, V].
 """
 from __future__ import annotations
 
@@ -95,8 +96,11 @@ def _rows(prompts, seq_len: int, batch: int, patches: int = 0):
   return out
 
 
-def make_greedy(task, max_new: int):
-  """jit-able ``fn(params, extra, batch) -> new tokens [B, max_new]``."""
+def make_greedy(task, max_new: int, stop_id: Optional[int] = None):
+  """jit-able ``fn(params, extra, batch) -> new tokens [B, max_new]``.
+
+  With ``stop_id`` the loop ends as soon as every row has produced it (answers here are a few
+  tokens of the 8 allowed), and each row reads ``stop_id`` from its first one on."""
   model = task.model
 
   def hidden(variables, tokens, seg, pos, kwargs):
@@ -111,8 +115,8 @@ def make_greedy(task, max_new: int):
     kwargs = {k: batch[k] for k in tasks_lib.PATCH_KEYS if k in batch}
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
-    def body(i, carry):
-      tokens, cur = carry
+    def body(carry):
+      i, tokens, cur, done = carry
       seg = (pos < cur[:, None]).astype(jnp.int32)
       h = hidden(variables, tokens, seg, pos, kwargs)
       h_last = jnp.take_along_axis(h, (cur - 1)[:, None, None], axis=1)[:, 0]
@@ -121,11 +125,21 @@ def make_greedy(task, max_new: int):
       idx = jnp.minimum(cur, s - 1)
       tokens = tokens.at[jnp.arange(b), idx].set(
           jnp.where(write, nxt.astype(tokens.dtype), tokens[jnp.arange(b), idx]))
-      return tokens, cur + 1
+      if stop_id is not None:
+        done = done | (nxt == stop_id)
+      return i + 1, tokens, cur + 1, done
 
-    out, _ = jax.lax.fori_loop(0, max_new, body, (tokens, lens))
+    def cond(carry):
+      i, _, _, done = carry
+      return (i < max_new) & ~jnp.all(done)
+
+    init = (jnp.zeros((), jnp.int32), tokens, lens, jnp.zeros((b,), bool))
+    _, out, _, _ = jax.lax.while_loop(cond, body, init)
     gather = jnp.minimum(lens[:, None] + jnp.arange(max_new)[None], s - 1)
-    return jnp.take_along_axis(out, gather, axis=1)
+    new = jnp.take_along_axis(out, gather, axis=1)
+    if stop_id is not None:   # positions after a row's stop may not have been written
+      new = jnp.where(jnp.cumsum(new == stop_id, axis=1) > 0, stop_id, new)
+    return new
 
   return fn
 
@@ -231,9 +245,9 @@ class Evaluator:
     prompts = [_prompt(r, tok, image_cfg, stage.seq_len - self.max_new) for r in records]
     seq, patches = _eval_shape(prompts, self.max_new, stage.seq_len, patches)
     rows = _rows(prompts, seq, batch, patches)
-    key = (stage.name, id(task))       # jit keeps one executable per row shape
+    key = (stage.name, id(task), id(tok))   # jit keeps one executable per row shape
     if key not in self._cache:
-      self._cache = {key: jax.jit(make_greedy(task, self.max_new))}
+      self._cache = {key: jax.jit(make_greedy(task, self.max_new, tok.token_id(st.IM_END)))}
     host = {k: v for k, v in rows.items()}
     dev = shard_lib.make_global_batch(host, mesh)
     with shard_lib.activation_context(mesh):

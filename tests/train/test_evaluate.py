@@ -110,3 +110,13 @@ def test_greedy_rows_cut_to_the_prompts_decode_like_the_stage_rows():
   cut = greedy(params, variables, evaluate._rows(prompts, seq, 4, slots))
   full = greedy(params, variables, evaluate._rows(prompts, 256, 4, 512))
   np.testing.assert_array_equal(np.asarray(cut), np.asarray(full))
+  # Stopping at the end token: the same tokens up to the first stop, the stop token after it.
+  stop = int(np.asarray(full)[0, 1])   # a token the first row emits second: it stops there
+  early = np.asarray(jax.jit(evaluate.make_greedy(task, 4, stop))(
+      params, variables, evaluate._rows(prompts, seq, 4, slots)))
+  full = np.asarray(full)
+  for row_full, row_early in zip(full, early):
+    hits = np.flatnonzero(row_full == stop)
+    k = hits[0] if hits.size else len(row_full)
+    np.testing.assert_array_equal(row_early[:k + 1], row_full[:k + 1])
+    assert (row_early[k:] == stop).all()
