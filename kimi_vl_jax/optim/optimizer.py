@@ -111,6 +111,7 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
   if trainable is None:
     trainable = optim_cfg.get('trainable', None) or None
   schedule = make_schedule(optim_cfg, total_steps)
+  sched_params = schedule_params_of(optim_cfg, total_steps)
   plan = plan_optimizer(params, mesh, trainable,
                         ADAMW_ONLY if optim_cfg.name == 'adamw' else ROUTES)
   plans, treedef = jax.tree.flatten(plan, is_leaf=_is_plan)
@@ -182,7 +183,7 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
   opt = Optimizer(init, update)
   opt.plan = plan
   opt.schedule = schedule
-  opt.schedule_params = schedule_params_of(optim_cfg, total_steps)
+  opt.schedule_params = sched_params
   opt.state_shardings = None
   if mesh is not None:
     replicated = NamedSharding(mesh, P())
