@@ -19,6 +19,7 @@ per ``zero1.py``. Both groups share the schedule lr and decoupled weight decay
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -29,9 +30,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kimi_vl_jax.optim import muon as muon_math
+from kimi_vl_jax.optim import schedule as schedule_lib
 from kimi_vl_jax.optim import zero1
 from kimi_vl_jax.optim.routes import ADAMW, ROUTES, Route, route_params
-from kimi_vl_jax.optim.schedule import lr_at, make_schedule, schedule_params as schedule_params_of
 from kimi_vl_jax.parallel.sharding import fit_spec_to_shape, fitted_param_shardings
 
 GROUPS = ('muon', 'adamw')
@@ -110,8 +111,7 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
     raise ValueError(f'config.optim.name: must be muon or adamw, got {optim_cfg.name!r}')
   if trainable is None:
     trainable = optim_cfg.get('trainable', None) or None
-  schedule = make_schedule(optim_cfg, total_steps)
-  sched_params = schedule_params_of(optim_cfg, total_steps)
+  sched_params = schedule_lib.schedule_params(optim_cfg, total_steps)
   plan = plan_optimizer(params, mesh, trainable,
                         ADAMW_ONLY if optim_cfg.name == 'adamw' else ROUTES)
   plans, treedef = jax.tree.flatten(plan, is_leaf=_is_plan)
@@ -145,7 +145,8 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
     count_inc = optax.safe_increment(state.count)
-    lr = schedule(state.count) if schedule_params is None else lr_at(state.count, schedule_params)
+    lr = schedule_lib.lr_at(state.count,
+                            sched_params if schedule_params is None else schedule_params)
     sq = {g: jnp.zeros([], jnp.float32) for g in GROUPS}
     n_el = {g: 0 for g in GROUPS}
     out_u, out_mu, out_nu = [], [], []
@@ -182,7 +183,7 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
 
   opt = Optimizer(init, update)
   opt.plan = plan
-  opt.schedule = schedule
+  opt.schedule = functools.partial(schedule_lib.lr_at, params=sched_params)
   opt.schedule_params = sched_params
   opt.state_shardings = None
   if mesh is not None:
