@@ -26,6 +26,10 @@ def run(argv) -> int:
   # Multi-host set-up must precede any backend use.
   from kimi_vl_jax.parallel import distributed
   distributed.initialize()
+  # Before the first computation: CPU programs run inline and reuse their memory (cpu_runtime).
+  from kimi_vl_jax import cpu_runtime
+  from absl import logging
+  logging.info('cpu runtime: %s', cpu_runtime.setup())
   from kimi_vl_jax.config import ConfigError, validate
   import kimi_vl_jax.train  # noqa: F401  (registers the stage checks with validate)
 

@@ -279,4 +279,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
+  from kimi_vl_jax import cpu_runtime
+  print('cpu runtime:', cpu_runtime.setup())   # before the first computation
   main()

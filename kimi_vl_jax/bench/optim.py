@@ -242,4 +242,6 @@ def _plot(curves, best, path):
 
 
 if __name__ == '__main__':
+  from kimi_vl_jax import cpu_runtime
+  print('cpu runtime:', cpu_runtime.setup())   # before the first computation
   main()

@@ -105,4 +105,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from kimi_vl_jax import cpu_runtime
+  print('cpu runtime:', cpu_runtime.setup())   # before the first computation, as main.py does
   app.run(main)
