@@ -28,8 +28,7 @@ def run(argv) -> int:
   distributed.initialize()
   # Before the first computation: CPU programs run inline and reuse their memory (cpu_runtime).
   from kimi_vl_jax import cpu_runtime
-  from absl import logging
-  logging.info('cpu runtime: %s', cpu_runtime.setup())
+  runtime = cpu_runtime.setup()
   from kimi_vl_jax.config import ConfigError, validate
   import kimi_vl_jax.train  # noqa: F401  (registers the stage checks with validate)
 
@@ -51,6 +50,8 @@ def run(argv) -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  from absl import logging
+  logging.info('cpu runtime: %s', runtime)   # after validation: a config error stays one line
   if _WORKDIR.value:
     os.makedirs(_WORKDIR.value, exist_ok=True)
   if _MODE.value == 'describe':
