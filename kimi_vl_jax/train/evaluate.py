@@ -24,6 +24,7 @@ from kimi_vl_jax.data import chat_template, image_processor as ip, patch_packing
 from kimi_vl_jax.data import special_tokens as st
 from kimi_vl_jax.config.validate import ConfigError, register_check
 from kimi_vl_jax.data.generated import chance_level, get_dataset, is_correct
+from kimi_vl_jax.models import generate as generate_lib
 from kimi_vl_jax.parallel import sharding as shard_lib
 from kimi_vl_jax.train import tasks as tasks_lib
 
@@ -99,44 +100,49 @@ def _rows(prompts, seq_len: int, batch: int, patches: int = 0):
 def make_greedy(task, max_new: int, stop_id: Optional[int] = None):
   """jit-able ``fn(params, extra, batch) -> new tokens [B, max_new]``.
 
+  ``batch``: 'tokens' [B, S] right-padded prompts, 'lens' [B], and the rows' patch buffers.
+  One prefill runs the whole model (vision tower included) over the prompts and fills the
+  LM's latent KV cache (``models/generate.py``); each new token is then one single-token LM
+  step against that cache, instead of a full forward over the row per token.
   With ``stop_id`` the loop ends as soon as every row has produced it (answers here are a few
   tokens of the 8 allowed), and each row reads ``stop_id`` from its first one on."""
   model = task.model
+  lm_cfg = model.config.lm if 'lm' in model.config else model.config
 
-  def hidden(variables, tokens, seg, pos, kwargs):
-    _, h, _ = tasks_lib.apply_with_hidden(model, variables, (tokens, seg, pos), kwargs)
-    return h
+  def next_token(variables, kernel, args, kwargs, at_b):
+    _, h, aux = tasks_lib.apply_with_hidden(model, variables, args, kwargs)
+    h_b = jnp.take_along_axis(h, at_b[:, None, None], axis=1)[:, 0]
+    return jnp.argmax(h_b.astype(jnp.float32) @ kernel.astype(jnp.float32), axis=-1), aux['cache']
 
   def fn(params, extra, batch):
     variables = {'params': params, **extra}
     kernel = tasks_lib._lm_head_kernel(params)
     tokens, lens = batch['tokens'], batch['lens']
     b, s = tokens.shape
-    kwargs = {k: batch[k] for k in tasks_lib.PATCH_KEYS if k in batch}
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    prefill = {k: batch[k] for k in tasks_lib.PATCH_KEYS if k in batch}
+    prefill['decode_cache'] = generate_lib.init_cache(lm_cfg, b, s + max_new, lm_cfg.dtype)
+    first, cache = next_token(variables, kernel,
+                              (tokens, (pos < lens[:, None]).astype(jnp.int32), pos), prefill,
+                              lens - 1)
 
     def body(carry):
-      i, tokens, cur, done = carry
-      seg = (pos < cur[:, None]).astype(jnp.int32)
-      h = hidden(variables, tokens, seg, pos, kwargs)
-      h_last = jnp.take_along_axis(h, (cur - 1)[:, None, None], axis=1)[:, 0]
-      nxt = jnp.argmax(h_last.astype(jnp.float32) @ kernel.astype(jnp.float32), axis=-1)
-      write = cur < s
-      idx = jnp.minimum(cur, s - 1)
-      tokens = tokens.at[jnp.arange(b), idx].set(
-          jnp.where(write, nxt.astype(tokens.dtype), tokens[jnp.arange(b), idx]))
+      i, cache, cur, out, done = carry
+      out = jax.lax.dynamic_update_slice(out, cur[:, None].astype(out.dtype), (0, i))
       if stop_id is not None:
-        done = done | (nxt == stop_id)
-      return i + 1, tokens, cur + 1, done
+        done = done | (cur == stop_id)
+      args = (cur[:, None], jnp.ones((b, 1), jnp.int32), (lens + i)[:, None].astype(jnp.int32))
+      nxt, cache = next_token(variables, kernel, args, {'decode_cache': cache},
+                              jnp.zeros((b,), jnp.int32))
+      return i + 1, cache, nxt, out, done
 
     def cond(carry):
-      i, _, _, done = carry
+      i, _, _, _, done = carry
       return (i < max_new) & ~jnp.all(done)
 
-    init = (jnp.zeros((), jnp.int32), tokens, lens, jnp.zeros((b,), bool))
-    _, out, _, _ = jax.lax.while_loop(cond, body, init)
-    gather = jnp.minimum(lens[:, None] + jnp.arange(max_new)[None], s - 1)
-    new = jnp.take_along_axis(out, gather, axis=1)
+    init = (jnp.zeros((), jnp.int32), cache, first, jnp.zeros((b, max_new), tokens.dtype),
+            jnp.zeros((b,), bool))
+    _, _, _, new, _ = jax.lax.while_loop(cond, body, init)
     if stop_id is not None:   # positions after a row's stop may not have been written
       new = jnp.where(jnp.cumsum(new == stop_id, axis=1) > 0, stop_id, new)
     return new
