@@ -132,8 +132,14 @@ def make_greedy(task, max_new: int, stop_id: Optional[int] = None):
       if stop_id is not None:
         done = done | (cur == stop_id)
       args = (cur[:, None], jnp.ones((b, 1), jnp.int32), (lens + i)[:, None].astype(jnp.int32))
-      nxt, cache = next_token(variables, kernel, args, {'decode_cache': cache},
-                              jnp.zeros((b,), jnp.int32))
+
+      def step(cache):
+        return next_token(variables, kernel, args, {'decode_cache': cache},
+                          jnp.zeros((b,), jnp.int32))
+
+      # The token just written may be the last one wanted: then skip the model step.
+      last = (i + 1 >= max_new) | jnp.all(done)
+      nxt, cache = jax.lax.cond(last, lambda c: (cur, c), step, cache)
       return i + 1, cache, nxt, out, done
 
     def cond(carry):
