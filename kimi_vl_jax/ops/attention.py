@@ -81,85 +81,122 @@ def _from_blocks(x_nbhqd):
   return jnp.moveaxis(x_nbhqd, 0, 2).reshape(b_sz, h, n * bq, d)
 
 
+def _tile_spans(sq_n, sk_n, pq_n, pk_n, causal):
+  """Which tile pairs can hold an allowed (query, key) pair, as contiguous spans.
+
+  A pair of tiles is needed when, in some batch row, the ranges of their non-zero segment ids
+  overlap and (causal) the earliest key position is not after the latest query position: a
+  cheap O(S) superset of the truly needed pairs (the exact mask is applied inside each tile).
+  Returns int32 ``(k_lo [nq], k_hi [nq], q_lo [nk], q_hi [nk])``: query tile i visits key
+  tiles k_lo[i]..k_hi[i] and key tile j query tiles q_lo[j]..q_hi[j]; an empty span has
+  lo > hi. Packed rows keep each segment contiguous, so the spans hold no unneeded tile
+  besides those the range test cannot rule out.
+  """
+  big = jnp.iinfo(jnp.int32).max
+
+  def stats(s_nbt, p_nbt):   # per tile and batch row: [n, B]
+    real = s_nbt != 0
+    return (jnp.min(jnp.where(real, s_nbt, big), -1), jnp.max(jnp.where(real, s_nbt, 0), -1),
+            jnp.min(jnp.where(real, p_nbt, big), -1), jnp.max(jnp.where(real, p_nbt, -1), -1))
+
+  qs_lo, qs_hi, _, qp_hi = stats(sq_n, pq_n)
+  ks_lo, ks_hi, kp_lo, _ = stats(sk_n, pk_n)
+  need_qkb = ((qs_lo[:, None] <= ks_hi[None]) & (ks_lo[None] <= qs_hi[:, None])
+              & (qs_hi[:, None] > 0) & (ks_hi[None] > 0))
+  if causal:
+    need_qkb &= kp_lo[None] <= qp_hi[:, None]
+  need_qk = jnp.any(need_qkb, axis=-1)
+  nq, nk = need_qk.shape
+  k_idx, q_idx = jnp.arange(nk, dtype=jnp.int32), jnp.arange(nq, dtype=jnp.int32)
+  k_lo = jnp.min(jnp.where(need_qk, k_idx[None], nk), axis=1)
+  k_hi = jnp.max(jnp.where(need_qk, k_idx[None], -1), axis=1)
+  q_lo = jnp.min(jnp.where(need_qk, q_idx[:, None], nq), axis=0)
+  q_hi = jnp.max(jnp.where(need_qk, q_idx[:, None], -1), axis=0)
+  return k_lo, k_hi, q_lo, q_hi
+
+
+def _tile(x_n, i):
+  """Tile i of a tiled array [n, ...] (a dynamic slice: i is traced)."""
+  return jax.lax.dynamic_index_in_dim(x_n, i, axis=0, keepdims=False)
+
+
 def _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
   """Forward over tiles. q/k/v [n, B, H, b, D], ids [n, B, b]; returns o [nq, B, H, bq, Dv]
-  and the log-sum-exp [nq, B, H, bq] (0 on rows with no visible key)."""
+  and the log-sum-exp [nq, B, H, bq] (0 on rows with no visible key).
+
+  Each query tile loops (a while loop with traced bounds) over only its span of key tiles,
+  so work and loop overhead follow the pairs that can interact, not nq x nk.
+  """
   _, b_sz, h, bq, _ = q_n.shape
   dv = v_n.shape[-1]
+  k_lo, k_hi, _, _ = _tile_spans(sq_n, sk_n, pq_n, pk_n, causal)
 
   def q_block(_, xs):
-    q_bhqd, sq_bq, pq_bq = xs
+    q_bhqd, sq_bq, pq_bq, lo, hi = xs
 
-    def kv_block(carry, ys):
-      k_bhkd, v_bhkd, sk_bk, pk_bk = ys
-      ok_b1qk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)[:, None]
-
-      def compute(carry):
-        m_bhq, l_bhq, acc_bhqd = carry
-        s = jnp.einsum('bhqd,bhkd->bhqk', q_bhqd, k_bhkd,
-                       preferred_element_type=jnp.float32) * scale
-        s = jnp.where(ok_b1qk, s, -jnp.inf)
-        m_new = jnp.maximum(m_bhq, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # all masked so far: no NaN
-        p = jnp.exp(s - m_safe[..., None])
-        alpha = jnp.exp(m_bhq - m_safe)
-        l_new = alpha * l_bhq + jnp.sum(p, axis=-1)
-        pv = jnp.einsum('bhqk,bhkd->bhqd', p.astype(v_bhkd.dtype), v_bhkd,
-                        preferred_element_type=jnp.float32)
-        return m_new, l_new, alpha[..., None] * acc_bhqd + pv
-
-      return jax.lax.cond(jnp.any(ok_b1qk), compute, lambda c: c, carry), None
+    def kv_block(j, carry):
+      m_bhq, l_bhq, acc_bhqd = carry
+      k_bhkd, v_bhkd = _tile(k_n, j), _tile(v_n, j)
+      ok_b1qk = _allowed(sq_bq, _tile(sk_n, j), pq_bq, _tile(pk_n, j), causal)[:, None]
+      s = jnp.einsum('bhqd,bhkd->bhqk', q_bhqd, k_bhkd,
+                     preferred_element_type=jnp.float32) * scale
+      s = jnp.where(ok_b1qk, s, -jnp.inf)
+      m_new = jnp.maximum(m_bhq, jnp.max(s, axis=-1))
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)   # all masked so far: no NaN
+      p = jnp.exp(s - m_safe[..., None])
+      alpha = jnp.exp(m_bhq - m_safe)
+      l_new = alpha * l_bhq + jnp.sum(p, axis=-1)
+      pv = jnp.einsum('bhqk,bhkd->bhqd', p.astype(v_bhkd.dtype), v_bhkd,
+                      preferred_element_type=jnp.float32)
+      return m_new, l_new, alpha[..., None] * acc_bhqd + pv
 
     init = (jnp.full((b_sz, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b_sz, h, bq), jnp.float32),
             jnp.zeros((b_sz, h, bq, dv), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(kv_block, init, (k_n, v_n, sk_n, pk_n))
+    m, l, acc = jax.lax.fori_loop(lo, hi + 1, kv_block, init)
     empty = l == 0   # padding query or no visible key: output zeros
     o_bhqd = acc / jnp.where(empty, 1.0, l)[..., None]
     lse_bhq = jnp.where(empty, 0.0, jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(jnp.where(empty, 1.0, l)))
     return None, (o_bhqd.astype(q_bhqd.dtype), lse_bhq)
 
-  _, (o_n, lse_n) = jax.lax.scan(q_block, None, (q_n, sq_n, pq_n))
+  _, (o_n, lse_n) = jax.lax.scan(q_block, None, (q_n, sq_n, pq_n, k_lo, k_hi))
   return o_n, lse_n
 
 
 def _flash_bwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n, do_n, causal, scale):
-  """Backward over tiles (FlashAttention-2 order: key blocks outside, so dk/dv stay in the
-  inner carry; scores recomputed from the saved log-sum-exp); returns dq, dk, dv tiles."""
+  """Backward over tiles (FlashAttention-2 order: key tiles outside, so dk/dv stay in the
+  inner carry; scores recomputed from the saved log-sum-exp); each key tile visits only its
+  span of query tiles and adds its dq into that tile in place. Returns dq, dk, dv tiles."""
+  _, _, q_lo, q_hi = _tile_spans(sq_n, sk_n, pq_n, pk_n, causal)
   delta_n = jnp.einsum('nbhqd,nbhqd->nbhq', do_n.astype(jnp.float32), o_n.astype(jnp.float32))
 
   def kv_block(dq_n, ys):
-    k_bhkd, v_bhkd, sk_bk, pk_bk = ys
+    k_bhkd, v_bhkd, sk_bk, pk_bk, lo, hi = ys
 
-    def q_block(carry, xs):
-      q_bhqd, do_bhqd, lse_bhq, delta_bhq, sq_bq, pq_bq = xs
-      ok_b1qk = _allowed(sq_bq, sk_bk, pq_bq, pk_bk, causal)[:, None]
+    def q_block(i, carry):
+      dk_bhkd, dv_bhkd, dq_n = carry
+      q_bhqd, do_bhqd = _tile(q_n, i), _tile(do_n, i)
+      lse_bhq, delta_bhq = _tile(lse_n, i), _tile(delta_n, i)
+      ok_b1qk = _allowed(_tile(sq_n, i), sk_bk, _tile(pq_n, i), pk_bk, causal)[:, None]
+      s = jnp.einsum('bhqd,bhkd->bhqk', q_bhqd, k_bhkd,
+                     preferred_element_type=jnp.float32) * scale
+      p = jnp.where(ok_b1qk, jnp.exp(s - lse_bhq[..., None]), 0.0)
+      dv_bhkd = dv_bhkd + jnp.einsum('bhqk,bhqd->bhkd', p.astype(do_bhqd.dtype), do_bhqd,
+                                     preferred_element_type=jnp.float32)
+      dp = jnp.einsum('bhqd,bhkd->bhqk', do_bhqd, v_bhkd, preferred_element_type=jnp.float32)
+      ds = p * (dp - delta_bhq[..., None]) * scale
+      dk_bhkd = dk_bhkd + jnp.einsum('bhqk,bhqd->bhkd', ds.astype(q_bhqd.dtype), q_bhqd,
+                                     preferred_element_type=jnp.float32)
+      dq = jnp.einsum('bhqk,bhkd->bhqd', ds.astype(k_bhkd.dtype), k_bhkd,
+                      preferred_element_type=jnp.float32)
+      dq_n = jax.lax.dynamic_update_index_in_dim(dq_n, _tile(dq_n, i) + dq, i, axis=0)
+      return dk_bhkd, dv_bhkd, dq_n
 
-      def compute(carry):
-        dk_bhkd, dv_bhkd = carry
-        s = jnp.einsum('bhqd,bhkd->bhqk', q_bhqd, k_bhkd,
-                       preferred_element_type=jnp.float32) * scale
-        p = jnp.where(ok_b1qk, jnp.exp(s - lse_bhq[..., None]), 0.0)
-        dv_bhkd = dv_bhkd + jnp.einsum('bhqk,bhqd->bhkd', p.astype(do_bhqd.dtype), do_bhqd,
-                                       preferred_element_type=jnp.float32)
-        dp = jnp.einsum('bhqd,bhkd->bhqk', do_bhqd, v_bhkd, preferred_element_type=jnp.float32)
-        ds = p * (dp - delta_bhq[..., None]) * scale
-        dk_bhkd = dk_bhkd + jnp.einsum('bhqk,bhqd->bhkd', ds.astype(q_bhqd.dtype), q_bhqd,
-                                       preferred_element_type=jnp.float32)
-        dq = jnp.einsum('bhqk,bhkd->bhqd', ds.astype(k_bhkd.dtype), k_bhkd,
-                        preferred_element_type=jnp.float32)
-        return (dk_bhkd, dv_bhkd), dq
-
-      def skip(carry):
-        return carry, jnp.zeros(q_bhqd.shape, jnp.float32)
-
-      return jax.lax.cond(jnp.any(ok_b1qk), compute, skip, carry)
-
-    init = (jnp.zeros(k_bhkd.shape, jnp.float32), jnp.zeros(v_bhkd.shape, jnp.float32))
-    (dk, dv), dq_part = jax.lax.scan(q_block, init, (q_n, do_n, lse_n, delta_n, sq_n, pq_n))
-    return dq_n + dq_part, (dk, dv)
+    init = (jnp.zeros(k_bhkd.shape, jnp.float32), jnp.zeros(v_bhkd.shape, jnp.float32), dq_n)
+    dk, dv, dq_n = jax.lax.fori_loop(lo, hi + 1, q_block, init)
+    return dq_n, (dk, dv)
 
   dq_n, (dk_n, dv_n) = jax.lax.scan(kv_block, jnp.zeros(q_n.shape, jnp.float32),
-                                    (k_n, v_n, sk_n, pk_n))
+                                    (k_n, v_n, sk_n, pk_n, q_lo, q_hi))
   return dq_n.astype(q_n.dtype), dk_n.astype(k_n.dtype), dv_n.astype(v_n.dtype)
 
 

@@ -194,3 +194,22 @@ def test_xla_under_layer_scan_keeps_tile_masks_inside_the_loop():
   got = jax.grad(loss)(w, q)
   # Sums over 512 positions x 2 layers: compare relative to the gradient's scale.
   assert float(jnp.max(jnp.abs(got - ref))) <= 1e-5 * float(jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_xla_tile_spans_cover_only_interacting_tiles(causal):
+  # Three segments of 32, 32 and 64 tokens in 16-token tiles, then a tile of padding: each
+  # query tile visits only the key tiles of its own segment (and not the causal future);
+  # the padding tile visits none. Attention work follows the interacting pairs, not nq x nk.
+  from kimi_vl_jax.ops.attention import _ids_to_blocks, _tile_spans
+  seg, pos = _packed([[32, 32, 64]], 144)
+  blocks = [_ids_to_blocks(x, 9, 16) for x in (seg, seg, pos, pos)]
+  k_lo, k_hi, q_lo, q_hi = (np.asarray(x) for x in _tile_spans(*blocks, causal))
+  np.testing.assert_array_equal(k_lo, [0, 0, 2, 2, 4, 4, 4, 4, 9])
+  np.testing.assert_array_equal(q_hi, [1, 1, 3, 3, 7, 7, 7, 7, -1])
+  if causal:
+    np.testing.assert_array_equal(k_hi, [0, 1, 2, 3, 4, 5, 6, 7, -1])
+    np.testing.assert_array_equal(q_lo, [0, 1, 2, 3, 4, 5, 6, 7, 9])
+  else:
+    np.testing.assert_array_equal(k_hi, [1, 1, 3, 3, 7, 7, 7, 7, -1])
+    np.testing.assert_array_equal(q_lo, [0, 0, 2, 2, 4, 4, 4, 4, 9])
