@@ -29,8 +29,10 @@ import numpy as np
 from ml_collections import FrozenConfigDict
 
 from kimi_vl_jax.models.abstract import ComponentSpec, register
+from kimi_vl_jax.models.norms import LayerNorm
 from kimi_vl_jax.ops import bicubic
 from kimi_vl_jax.ops.attention import attention
+from kimi_vl_jax.ops.gelu import gelu_tanh
 
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -50,14 +52,8 @@ def _dense(features: int, axes: tuple[str, str], cfg, name: str) -> nn.Dense:
       name=name)
 
 
-def _layer_norm(cfg, eps: float, name: str) -> nn.LayerNorm:
-  # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
-  return nn.LayerNorm(
-      epsilon=eps, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-      use_fast_variance=False,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)),
-      name=name)
+def _layer_norm(cfg, eps: float, name: str) -> LayerNorm:
+  return LayerNorm(epsilon=eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
 
 def rope_angles(rows_bp: jax.Array, cols_bp: jax.Array, head_dim: int, theta: float) -> jax.Array:
@@ -106,7 +102,7 @@ class MoonViTBlock(nn.Module):
     x_bpd = x_bpd + _dense(d, ('vision_heads', 'vision_embed'), cfg, 'wo')(o)
     h = _layer_norm(cfg, cfg.layer_norm_eps, 'norm1')(x_bpd)
     h = _dense(cfg.intermediate_size, ('vision_embed', 'vision_mlp'), cfg, 'fc0')(h)
-    h = nn.with_logical_constraint(jax.nn.gelu(h, approximate=True), ('batch', 'act_patches', 'act_mlp'))
+    h = nn.with_logical_constraint(gelu_tanh(h), ('batch', 'act_patches', 'act_mlp'))
     x_bpd = x_bpd + _dense(d, ('vision_mlp', 'vision_embed'), cfg, 'fc1')(h)
     return nn.with_logical_constraint(x_bpd, ('batch', 'act_patches', 'act_embed'))
 

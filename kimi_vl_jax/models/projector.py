@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from ml_collections import FrozenConfigDict
 
 from kimi_vl_jax.models.abstract import ComponentSpec, register
+from kimi_vl_jax.models.norms import LayerNorm
 
 
 class Projector(nn.Module):
@@ -36,11 +37,8 @@ class Projector(nn.Module):
                        f'and P divisible by {area}')
     dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
     x = x_bpd.reshape(b, p // area, area, d)
-    x = nn.LayerNorm(
-        epsilon=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ('norm',)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ('norm',)),
-        name='pre_norm')(x)
+    x = LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name='pre_norm')(x)
     x = x.reshape(b, p // area, area * d)
 
     def dense(features, axes, name):

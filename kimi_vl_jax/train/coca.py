@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import FrozenConfigDict
 
+from kimi_vl_jax.models.norms import LayerNorm
 from kimi_vl_jax.train import losses, siglip
 
 _INIT = nn.initializers.normal(0.02)
@@ -29,9 +30,7 @@ def _dense(features: int, axes, name: str):
 
 
 def _layer_norm(name: str):
-  return nn.LayerNorm(epsilon=1e-5, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('norm',)))
+  return LayerNorm(epsilon=1e-5, name=name)
 
 
 def masked_attention(q_bthk, k_bshk, v_bshk, mask_bts):
