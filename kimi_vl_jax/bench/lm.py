@@ -121,11 +121,12 @@ def train_flops(cfg, batch: int, seq: int) -> float:
   return 6 * active_matmul_params(cfg) * tokens + 3 * attn_fwd * cfg.num_hidden_layers
 
 
-def make_matmul_peak(n: int = 1024, repeats: int = 5):
-  """A no-arg callable returning the best fp32 FLOP/s of ``repeats`` jitted [n,n] @ [n,n]."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
+def make_matmul_peak(n: int = 1024, repeats: int = 5, dtype=jnp.float32):
+  """A no-arg callable returning the best FLOP/s of ``repeats`` jitted [n,n] @ [n,n] with
+  operands in ``dtype`` and fp32 accumulation/result (bf16: the Newton-Schulz products)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   f(a, b).block_until_ready()
 
   def peak():

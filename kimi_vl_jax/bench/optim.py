@@ -114,9 +114,9 @@ def newton_schulz_flops(boxed_params, ns_steps: int) -> int:
   return total
 
 
-def optim_cfg(name: str, steps: int):
+def optim_cfg(name: str, steps: int, ns_dtype: str):
   c = base_config('bench').optim
-  c.name, c.lr, c.weight_decay = name, 1.0, 0.1
+  c.name, c.lr, c.weight_decay, c.ns_dtype = name, 1.0, 0.1, ns_dtype
   c.warmup_steps, c.schedule, c.end_lr_ratio = max(steps // 10, 1), 'cosine', 0.1
   return c
 
@@ -131,6 +131,9 @@ def main(argv=None) -> dict:
   ap.add_argument('--time_seq_len', type=int, default=512)
   ap.add_argument('--time_reps', type=int, default=5)
   ap.add_argument('--png', default='optim_curves.png')
+  ap.add_argument('--ns_dtype', default=base_config('bench').optim.ns_dtype,
+                  choices=('float32', 'bfloat16'),
+                  help="Muon's Newton-Schulz operand dtype (default: the config's)")
   args = ap.parse_args(argv)
   lrs = [float(x) for x in args.lrs.split(',')]
   t_start = time.perf_counter()
@@ -150,7 +153,7 @@ def main(argv=None) -> dict:
 
   steps_fns, opt_states = {}, {}
   for name in ('adamw', 'muon'):
-    tx = build_optimizer(optim_cfg(name, args.steps), boxed, total_steps=max(args.steps, 2))
+    tx = build_optimizer(optim_cfg(name, args.steps, args.ns_dtype), boxed, total_steps=max(args.steps, 2))
     chained, step = make_step(model, tx, clip=1.0, bias_rate=lm_cfg.router_bias_update_rate)
     steps_fns[name], opt_states[name] = step, chained.init(params0)
 
@@ -167,13 +170,14 @@ def main(argv=None) -> dict:
       state[name] = out[:3]
   step_s = {n: statistics.median(v) for n, v in times.items()}
   ratio = step_s['muon'] / step_s['adamw']
-  peak_flops = make_matmul_peak()()
+  peak_flops = make_matmul_peak(dtype=jnp.dtype(args.ns_dtype))()
   ns_flops = newton_schulz_flops(boxed, base_config('bench').optim.ns_steps)
   floor = (step_s['adamw'] + ns_flops / peak_flops) / step_s['adamw']
   print(f'step time ({args.time_batch}x{args.time_seq_len} tokens, median of {args.time_reps}): '
         f'adamw {step_s["adamw"] * 1e3:.0f} ms, muon {step_s["muon"] * 1e3:.0f} ms, '
         f'ratio {ratio:.3f}', flush=True)
-  print(f'Newton-Schulz: {ns_flops / 1e9:.1f} GFLOP/step; at the measured fp32 matmul peak of '
+  print(f'Newton-Schulz ({args.ns_dtype}): {ns_flops / 1e9:.1f} GFLOP/step; at the measured '
+        f'{args.ns_dtype} matmul peak of '
         f'{peak_flops / 1e9:.0f} GFLOP/s it alone takes {ns_flops / peak_flops * 1e3:.0f} ms: '
         f'ratio floor {floor:.3f}', flush=True)
 
@@ -207,7 +211,7 @@ def main(argv=None) -> dict:
       'muon_update_rms': round(update_rms[('muon', best['muon'])]['muon'], 4) if final else None,
       'muon_step_ms': round(step_s['muon'] * 1e3, 1), 'adamw_step_ms': round(step_s['adamw'] * 1e3, 1),
       'muon_ratio_floor_at_peak': round(floor, 4), 'ns_gflop_per_step': round(ns_flops / 1e9, 2),
-      'matmul_peak_gflops': round(peak_flops / 1e9, 1),
+      'matmul_peak_gflops': round(peak_flops / 1e9, 1), 'ns_dtype': args.ns_dtype,
       'time_tokens_per_step': args.time_batch * args.time_seq_len,
       'train_tokens_per_step': args.batch * args.seq_len, 'steps': args.steps,
       'sweep': {f'{n}@{lr:g}': round(v, 4) for (n, lr), v in final.items()},

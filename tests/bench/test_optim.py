@@ -15,8 +15,9 @@ def test_text_batches_are_deterministic_bytes_and_splits_differ():
 
 
 def test_optim_cfg_keeps_lr_one_for_the_sweep():
-  c = bench_optim.optim_cfg('muon', 30)
-  assert (c.name, c.lr, c.warmup_steps, c.schedule) == ('muon', 1.0, 3, 'cosine')
+  c = bench_optim.optim_cfg('muon', 30, 'float32')
+  assert (c.name, c.lr, c.warmup_steps, c.schedule, c.ns_dtype) == ('muon', 1.0, 3, 'cosine',
+                                                                    'float32')
 
 
 def test_newton_schulz_flops_counts_each_matrix_of_a_stack_on_its_wide_side():
