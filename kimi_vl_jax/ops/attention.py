@@ -8,9 +8,10 @@ Segment id 0 marks padding: such keys are never attended and such queries output
 
 Backends (same inputs, same outputs):
 - ``xla``: pure JAX flash attention. Query blocks x key blocks with an online softmax, so
-  no score matrix larger than one ``[block, block]`` tile per head exists; key blocks with
-  no allowed pair (another segment, or entirely in the causal future) are skipped with a
-  ``lax.cond``. A custom VJP recomputes scores blockwise from the saved log-sum-exp, so
+  no score matrix larger than one ``[block, block]`` tile per head exists; each query tile
+  loops (traced while-loop bounds) over only the span of key tiles its segments and causal
+  positions can reach, so tiles of other segments or the causal future cost nothing, not
+  even a loop step. A custom VJP recomputes scores blockwise from the saved log-sum-exp, so
   forward+backward memory is linear in S.
 - ``naive``: full masked softmax (the test oracle; O(S^2) memory).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU, bf16/fp16),
