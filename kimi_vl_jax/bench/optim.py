@@ -2,7 +2,7 @@
 
 ``python -m kimi_vl_jax.bench.optim [--steps 30] [--batch 4] [--seq_len 64]
 [--lrs 1e-3,3e-3,1e-2] [--time_batch 4] [--time_seq_len 512] [--time_reps 5]
-[--png optim_curves.png]``
+[--png optim_curves.png] [--ns_dtype bfloat16|float32]``
 
 One run measures, side by side on the same devices:
 
