@@ -11,7 +11,10 @@ One run measures, side by side on the same devices:
    alternating A/M/A/M over ``--time_reps`` repetitions on one fixed batch of
    ``--time_batch`` x ``--time_seq_len`` tokens (default 4 x 512, the LM issue's bench
    batch); the median per optimizer gives ``muon_step_time_ratio_vs_adamw`` (target
-   <= 1.15). Muon's Newton-Schulz work is fixed per step (~75 GFLOP here, 60 of them the
+   <= 1.15). Every timed call starts from the same state (a fresh copy, made outside the
+   timer, of the state after one warm step), so both optimizers time the same forward and
+   backward work: chaining the steps lets the two runs' parameters, and with them the MoE
+   routing and its dropless capacities, drift apart, which moved the ratio by +-0.06. Muon's Newton-Schulz work is fixed per step (~75 GFLOP here, 60 of them the
    3 MoE layers x 64 experts x 3 matrices of 128 x 256), while the model's work grows with
    tokens, so the ratio falls as tokens per step grow.
 2. Quality: for each optimizer and each lr of the 3-point sweep ``--lrs``, ``--steps`` steps
@@ -97,6 +100,25 @@ def fresh(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+def time_steps(step_fns: dict, states: dict, args: tuple, reps: int, warmup: int = 1) -> dict:
+  """Seconds per call of each ``step_fns[name](*states[name], *args)``, ``reps`` times each.
+
+  Calls alternate between the names (shared-host fairness), after ``warmup`` untimed rounds
+  (the first calls after compiling run ~30% slow here). Each call gets a fresh copy of its
+  starting state, made and materialized outside the timer (the steps donate their inputs),
+  so every call does the same work whatever the previous one returned.
+  """
+  times = {n: [] for n in step_fns}
+  for rep in range(warmup + reps):
+    for name, step in step_fns.items():
+      state = jax.block_until_ready(fresh(states[name]))
+      t0 = time.perf_counter()
+      jax.block_until_ready(step(*state, *args))
+      if rep >= warmup:
+        times[name].append(time.perf_counter() - t0)
+  return times
+
+
 def newton_schulz_flops(boxed_params, ns_steps: int) -> int:
   """FLOPs of one Muon update's Newton-Schulz iterations over every Muon matrix of the model.
 
@@ -158,16 +180,11 @@ def main(argv=None) -> dict:
     steps_fns[name], opt_states[name] = step, chained.init(params0)
 
   # 1. Step time, alternating the two optimizers on one batch (after a compile + warm step).
-  times = {'adamw': [], 'muon': []}
-  state = {n: fresh((params0, router0, opt_states[n])) for n in times}
-  for rep in range(args.time_reps + 1):
-    for name in times:
-      t0 = time.perf_counter()
-      out = steps_fns[name](*state[name], timing, 1e-3)
-      jax.block_until_ready(out)
-      if rep:
-        times[name].append(time.perf_counter() - t0)
-      state[name] = out[:3]
+  warm = {n: steps_fns[n](*fresh((params0, router0, opt_states[n])), timing, 1e-3)[:3]
+          for n in ('adamw', 'muon')}   # compiles; optimizer state past its zero init
+  times = time_steps(steps_fns, warm, (timing, 1e-3), args.time_reps)
+  print('step times (ms): ' + ', '.join(
+      f'{n} ' + ' '.join(f'{t * 1e3:.0f}' for t in v) for n, v in times.items()), flush=True)
   step_s = {n: statistics.median(v) for n, v in times.items()}
   ratio = step_s['muon'] / step_s['adamw']
   peak_flops = make_matmul_peak(dtype=jnp.dtype(args.ns_dtype))()

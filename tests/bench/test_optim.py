@@ -29,3 +29,22 @@ def test_newton_schulz_flops_counts_each_matrix_of_a_stack_on_its_wide_side():
   per_iter_2d = 4 * 4 * 4 * 8 + 2 * 4 ** 3         # m=4, n=8
   per_iter_e = 4 * 8 * 8 * 16 + 2 * 8 ** 3          # m=8, n=16, 3 matrices
   assert bench_optim.newton_schulz_flops(params, 5) == 5 * (per_iter_2d + 3 * per_iter_e)
+
+
+def test_time_steps_starts_every_call_from_the_same_state_and_alternates():
+  import jax.numpy as jnp
+  calls = []
+
+  def make(name):
+    def step(x, y, batch, lr):
+      calls.append((name, float(x), float(y)))
+      return x + 1, y + lr     # a step that advances its state
+    return step
+
+  states = {'adamw': (jnp.float32(0), jnp.float32(5)), 'muon': (jnp.float32(10), jnp.float32(5))}
+  times = bench_optim.time_steps({'adamw': make('adamw'), 'muon': make('muon')}, states,
+                                 (None, 1.0), reps=3, warmup=1)
+  assert [c[0] for c in calls] == ['adamw', 'muon'] * 4
+  assert {c for c in calls if c[0] == 'adamw'} == {('adamw', 0.0, 5.0)}
+  assert {c for c in calls if c[0] == 'muon'} == {('muon', 10.0, 5.0)}
+  assert all(len(v) == 3 and min(v) >= 0 for v in times.values())
