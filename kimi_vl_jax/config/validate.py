@@ -105,6 +105,7 @@ def _check_lm(cfg):
   _one_of(cfg, f'{p}.attention_backend', ('auto', 'xla', 'cudnn', 'splash', 'naive'))
   _one_of(cfg, f'{p}.moe_backend', ('auto', 'ragged', 'capacity', 'dense'))
   _one_of(cfg, f'{p}.remat_policy', ('none', 'full', 'save_dots'))
+  _positive_int(cfg, f'{p}.scan_unroll')
   _one_of(cfg, f'{p}.dtype', ('float32', 'bfloat16'))
   _one_of(cfg, f'{p}.param_dtype', ('float32', 'bfloat16'))
   if lm.moe_capacity_factor < 0:
@@ -132,6 +133,7 @@ def _check_vision(cfg):
   if not isinstance(v.merge_kernel_size, (tuple, list)) or tuple(v.merge_kernel_size) != (2, 2):
     _fail(f'{p}.merge_kernel_size', f'only (2, 2) is supported, got {v.merge_kernel_size!r}')
   _one_of(cfg, f'{p}.remat_policy', ('none', 'full', 'save_dots'))
+  _positive_int(cfg, f'{p}.scan_unroll')
   _one_of(cfg, f'{p}.attention_backend', ('auto', 'xla', 'cudnn', 'splash', 'naive'))
   _positive_int(cfg, f'{p}.attention_block_size')
   _one_of(cfg, f'{p}.dtype', ('float32', 'bfloat16'))

@@ -158,7 +158,8 @@ class MoonViT(nn.Module):
     if cfg.scan_layers:
       stack = nn.scan(_ScanBlock, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
+                      metadata_params={nn.PARTITION_NAME: 'layers'},
+                      unroll=min(cfg.scan_unroll, cfg.num_hidden_layers))  # SCAN_UNROLL_DOC
       x, _ = stack(cfg, name='blocks')(x, segment_ids_bp, angles)
     else:
       for i in range(cfg.num_hidden_layers):

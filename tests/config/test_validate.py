@@ -95,6 +95,8 @@ MISTAKES = [
     ('unsupported_merge_kernel', _set(**{'model.vision.merge_kernel_size': (3, 3)}), None,
      'model.vision.merge_kernel_size', 'only (2, 2)'),
     ('metrics_log_every', _set(**{'metrics.log_every': 0}), None, 'metrics.log_every', '>= 1'),
+    ('scan_unroll_zero', _set(**{'model.vision.scan_unroll': 0}), None, 'model.vision.scan_unroll',
+     'integer >= 1'),
 ]
 
 

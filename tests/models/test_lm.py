@@ -1,6 +1,7 @@
 """MoeLM behaviour: scan == unrolled, remat policies agree, segments isolated, padding inert."""
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,6 +70,42 @@ def test_scan_equals_unrolled(scanned):
   b, aux_b = jax.jit(MoeLM(FrozenConfigDict(cfg_u)).apply)(vars_u, *batch)
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
   np.testing.assert_array_equal(aux_a['load_le'], aux_b['load_le'])
+
+
+def _scan_unrolls(fn, *args) -> set:
+  """The ``unroll`` of every scan in ``fn``'s jaxpr (nested jaxprs included)."""
+  found = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'scan':
+        found.add(eqn.params['unroll'])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_scan_unroll_keeps_the_params_and_the_function(scanned):
+  """scan_unroll lays the layers out straight: same stacked params, same values and grads."""
+  cfg, _, variables, apply = scanned
+  model_u = MoeLM(FrozenConfigDict(_cfg(scan_unroll=4)))   # >= the 2-layer MoE stack: clipped
+  batch = _batch()
+  chex.assert_trees_all_equal_shapes(
+      nn.unbox(jax.eval_shape(model_u.init, jax.random.PRNGKey(0), *batch)), variables)
+
+  def loss(model, params):
+    logits, _ = model.apply({'params': params, 'router': variables['router']}, *batch)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * (batch[1] > 0))
+
+  model = MoeLM(FrozenConfigDict(cfg))
+  assert _scan_unrolls(lambda p: loss(model, p), variables['params']) == {1}
+  assert _scan_unrolls(lambda p: loss(model_u, p), variables['params']) == {1, 2}  # dense: 1 layer
+  want_l, want_g = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(variables['params'])
+  got_l, got_g = jax.jit(jax.value_and_grad(lambda p: loss(model_u, p)))(variables['params'])
+  np.testing.assert_allclose(got_l, want_l, rtol=1e-6)
+  chex.assert_trees_all_close(got_g, want_g, atol=1e-6, rtol=1e-5)
 
 
 def test_remat_policies_identical(scanned):

@@ -158,10 +158,13 @@ def test_packed_segments_equal_separate_sequences(torch_model, ours):
   np.testing.assert_allclose(np.asarray(aux['load_le']).sum(-1), 19 * 3)
 
 
-def test_decode_with_cache_matches_full_forward(ours):
+@pytest.mark.parametrize('scan_unroll', [1, 2])
+def test_decode_with_cache_matches_full_forward(ours, torch_model, scan_unroll):
   model, variables, cfg, apply = ours
   tokens = _tokens(7)
   full, _ = apply(variables, tokens, *_full(tokens))
+  if scan_unroll > 1:   # layers laid out straight; the cache still stacks them
+    model, variables, cfg = _ours(torch_model, scan_unroll=scan_unroll)
   prefill = 9
   cache = generate.init_cache(cfg, B, S)
   seg, pos = _full(tokens)
