@@ -12,6 +12,15 @@ Presets:
 - ``small``: the CPU demo and the benchmarks of the vision tower and trainer.
 - ``bench``: the MoE-LM benchmark config of the LM issue (vision as ``small``).
 - ``kimi_vl_a3b``: the released Kimi-VL-A3B dimensions (SPEC §2, §3).
+
+``scan_unroll`` (lm and vision): layers per iteration of the layer scan (``jax.lax.scan``'s
+unroll). 1 keeps one rolled loop, whose compile time does not grow with depth (the released
+27-layer dims); a value >= the stack's depth lays the layers out straight, with parameters
+still stacked on the 'layers' axis (checkpoints and optimizer routes do not change). On
+XLA:CPU the rolled loop writes every layer's residuals into stacked buffers and reads them
+back, and zero-fills and slices the stacked weight gradients: fully unrolled, the bench
+preset's LM train step ran 737 vs 799 ms (compile 10.4 vs 8.9 s), so the 4-layer CPU
+presets unroll.
 """
 from __future__ import annotations
 
@@ -19,13 +28,6 @@ import copy
 
 import ml_collections
 
-SCAN_UNROLL_DOC = """``scan_unroll``: layers per iteration of the layer scan (``jax.lax.scan``'s unroll). 1 keeps
-one rolled loop, whose compile time does not grow with depth (the released 27-layer presets);
-a value >= the stack's depth lays the layers out straight (parameters stay stacked on the
-'layers' axis, so checkpoints and optimizer routes do not change). On XLA:CPU the rolled loop
-writes every layer's residuals into stacked buffers and reads them back, and zero-fills and
-slices the stacked weight gradients: fully unrolled, the bench preset's LM train step runs
-737 vs 799 ms (compile 10.4 vs 8.9 s), so the small CPU presets unroll."""
 
 
 def _lm(**overrides) -> ml_collections.ConfigDict:
@@ -64,7 +66,7 @@ def _lm(**overrides) -> ml_collections.ConfigDict:
       router_bias_update_rate=1e-3,   # u of the aux-loss-free bias update
       seq_balance_loss_alpha=0.0,     # optional sequence-wise balance loss
       scan_layers=True,
-      scan_unroll=1,                  # layers per scan iteration (see SCAN_UNROLL_DOC)
+      scan_unroll=1,                  # layers per scan iteration (module docstring)
       remat_policy='none',            # none | full | save_dots
       dtype='float32',                # compute dtype
       param_dtype='float32',          # master weights
@@ -91,7 +93,7 @@ def _vision(**overrides) -> ml_collections.ConfigDict:
       attention_backend='auto',       # auto | xla | cudnn | splash | naive (same op as the LM)
       attention_block_size=512,       # query/key block of the xla backend
       scan_layers=True,
-      scan_unroll=1,                  # layers per scan iteration (see SCAN_UNROLL_DOC)
+      scan_unroll=1,                  # layers per scan iteration (module docstring)
       remat_policy='none',
       dtype='float32',
       param_dtype='float32',
@@ -144,7 +146,7 @@ def _small():
            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
            max_position_embeddings=16384, rope_theta=50000.0,
            attention_block_size=128,  # 128x128 score tiles stay in CPU cache (7x faster than 512)
-           scan_unroll=4)             # straight-line layers (SCAN_UNROLL_DOC)
+           scan_unroll=4)             # straight-line layers (module docstring)
   vision = _vision(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
                    num_attention_heads=4, init_pos_emb_height=16, init_pos_emb_width=16,
                    scan_unroll=4,
@@ -162,7 +164,7 @@ def _bench():
            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
            max_position_embeddings=16384,
            attention_block_size=128,  # 128x128 score tiles stay in CPU cache (7x faster than 512)
-           scan_unroll=4)             # straight-line layers (SCAN_UNROLL_DOC)
+           scan_unroll=4)             # straight-line layers (module docstring)
   return _preset('bench', lm, _small().vision)
 
 

@@ -84,7 +84,7 @@ class _Stack(nn.Module):
                         split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.num,
                         metadata_params={nn.PARTITION_NAME: 'layers'},
-                        unroll=min(cfg.scan_unroll, self.num))   # presets.SCAN_UNROLL_DOC
+                        unroll=min(cfg.scan_unroll, self.num))   # see config/presets.py
       return scanned(cfg, self.moe, name='layers')(x_bsd, segment_ids_bs, positions_bs, cache,
                                                    cache_meta)
     layer_cls = _layer_class(cfg, False)

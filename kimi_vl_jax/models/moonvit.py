@@ -159,7 +159,7 @@ class MoonViT(nn.Module):
       stack = nn.scan(_ScanBlock, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'},
-                      unroll=min(cfg.scan_unroll, cfg.num_hidden_layers))  # SCAN_UNROLL_DOC
+                      unroll=min(cfg.scan_unroll, cfg.num_hidden_layers))  # see config/presets.py
       x, _ = stack(cfg, name='blocks')(x, segment_ids_bp, angles)
     else:
       for i in range(cfg.num_hidden_layers):
