@@ -8,7 +8,7 @@ and glibc serves a worker thread's request above its 64 MB per-thread heap with 
 Measured on that step (jax 0.10.2, 2 cores): 170K page faults and 0.35 s of kernel time in a
 1.25 s step.
 
-What ``setup`` does (in this order; call it before anything else touches JAX, and after
+What ``setup`` does (call it before anything else touches JAX, and after
 ``jax.distributed.initialize``):
 
 1. ``jax_cpu_enable_async_dispatch = False``: a single-device CPU program runs on the thread
@@ -21,7 +21,13 @@ What ``setup`` does (in this order; call it before anything else touches JAX, an
    kernel time, 1.08 s a step. Accelerator hosts are left alone: there the big buffers live on
    the device and the host's allocator should keep returning memory.
 
-``KVJ_CPU_RUNTIME=0`` in the environment turns both off (``setup`` then reports what it left).
+3. On hosts whose CPU has AVX-512, ``--xla_cpu_prefer_vector_width=512`` is appended to
+   ``XLA_FLAGS`` (unless it names a width already): XLA:CPU emits 256-bit vector code by
+   default, and the elementwise passes over attention tiles run faster at 512 bits
+   (``python -m kimi_vl_jax.bench.vision``, same sitting: 777 / 772 vs 806 / 790 ms a step).
+   The flag only affects CPU compilation, so accelerator hosts are unaffected by it.
+
+``KVJ_CPU_RUNTIME=0`` in the environment turns all of it off (``setup`` then reports what it left).
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ M_TRIM_THRESHOLD = -1      # glibc malloc.h
 M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 2 ** 31 - 1   # mallopt takes an int
 ENV_SWITCH = 'KVJ_CPU_RUNTIME'
+VECTOR_WIDTH_FLAG = 'xla_cpu_prefer_vector_width'
 
 
 def _glibc() -> Optional[ctypes.CDLL]:
@@ -59,6 +66,31 @@ def retain_freed_memory() -> bool:
       libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
+def has_avx512() -> bool:
+  """Whether this host's CPU reports AVX-512F (Linux ``/proc/cpuinfo``; False elsewhere)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return 'avx512f' in line.split()
+  except OSError:
+    pass
+  return False
+
+
+def prefer_wide_vectors() -> bool:
+  """Appends ``--xla_cpu_prefer_vector_width=512`` to ``XLA_FLAGS`` on AVX-512 hosts.
+
+  Leaves ``XLA_FLAGS`` alone when it already names a width. Returns whether it appended.
+  Only effective before the first backend starts.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  if VECTOR_WIDTH_FLAG in flags or not has_avx512():
+    return False
+  os.environ['XLA_FLAGS'] = f'{flags} --{VECTOR_WIDTH_FLAG}=512'.strip()
+  return True
+
+
 def setup() -> dict:
   """Applies the settings of the module doc; returns what was done (for the log).
 
@@ -66,13 +98,16 @@ def setup() -> dict:
   created. It is idempotent.
   """
   if os.environ.get(ENV_SWITCH, '1') == '0':
-    return {'sync_dispatch': False, 'retain_freed_memory': False, 'reason': f'{ENV_SWITCH}=0'}
+    return {'sync_dispatch': False, 'retain_freed_memory': False, 'vector_width_512': False,
+            'reason': f'{ENV_SWITCH}=0'}
   started = _backends_started()
   if not started:
     jax.config.update('jax_cpu_enable_async_dispatch', False)
+    prefer_wide_vectors()   # XLA reads XLA_FLAGS when the first backend starts
   on_cpu = jax.default_backend() == 'cpu'
   done = {'sync_dispatch': not started and on_cpu,
-          'retain_freed_memory': on_cpu and retain_freed_memory()}
+          'retain_freed_memory': on_cpu and retain_freed_memory(),
+          'vector_width_512': f'{VECTOR_WIDTH_FLAG}=512' in os.environ.get('XLA_FLAGS', '')}
   if started:
     done['reason'] = 'the CPU client already existed; dispatch stays as it was'
   return done

@@ -20,6 +20,7 @@ if sys.argv[1] == 'late':
   jax.devices()                                 # the CPU client exists before setup
 done = cpu_runtime.setup()
 done['async_flag'] = jax.config.read('jax_cpu_enable_async_dispatch')
+done['xla_flags'] = __import__('os').environ.get('XLA_FLAGS', '')
 x = jnp.ones((4096, 8192), jnp.float32)        # 128 MiB argument
 w = jnp.ones((8192, 16), jnp.float32)
 f = jax.jit(lambda x, w: (jnp.sin(x) * x) @ w)  # the sin(x) * x operand is a 128 MiB temp
@@ -48,8 +49,12 @@ def _run(env_switch: str, when: str = 'early') -> dict:
 @pytest.mark.skipif(cpu_runtime._glibc() is None, reason='mallopt settings are glibc-only')
 def test_setup_stops_the_temp_buffer_from_being_faulted_in_every_call():
   on, off = _run('1'), _run('0')
-  assert on['done'] == {'sync_dispatch': True, 'retain_freed_memory': True, 'async_flag': False}
+  wide = cpu_runtime.has_avx512()
+  assert on['done'] == {'sync_dispatch': True, 'retain_freed_memory': True, 'async_flag': False,
+                        'vector_width_512': wide,
+                        'xla_flags': '--xla_cpu_prefer_vector_width=512' if wide else ''}
   assert off['done']['sync_dispatch'] is False and off['done']['retain_freed_memory'] is False
+  assert off['done']['vector_width_512'] is False and off['done']['xla_flags'] == ''
   assert on['temp_pages'] > 30000                     # the program really has a big temp buffer
   # With the settings, a call touches almost no new pages (measured: a few hundred)...
   assert on['faults_per_call'] < 0.1 * on['temp_pages'], on
@@ -63,3 +68,20 @@ def test_setup_after_the_backend_started_leaves_dispatch_alone():
   late = _run('1', when='late')
   assert late['done']['sync_dispatch'] is False and late['done']['async_flag'] is True
   assert 'already existed' in late['done']['reason']
+  # XLA has read its flags by then: setup does not pretend to change them.
+  assert late['done']['xla_flags'] == '' and late['done']['vector_width_512'] is False
+
+
+def test_prefer_wide_vectors_appends_once_and_keeps_an_explicit_width(monkeypatch):
+  monkeypatch.setattr(cpu_runtime, 'has_avx512', lambda: True)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert cpu_runtime.prefer_wide_vectors() is True
+  assert os.environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=8 '
+                                     '--xla_cpu_prefer_vector_width=512')
+  assert cpu_runtime.prefer_wide_vectors() is False          # already there: not twice
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_prefer_vector_width=256')
+  assert cpu_runtime.prefer_wide_vectors() is False
+  assert os.environ['XLA_FLAGS'] == '--xla_cpu_prefer_vector_width=256'
+  monkeypatch.setattr(cpu_runtime, 'has_avx512', lambda: False)
+  monkeypatch.delenv('XLA_FLAGS')
+  assert cpu_runtime.prefer_wide_vectors() is False and 'XLA_FLAGS' not in os.environ
