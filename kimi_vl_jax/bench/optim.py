@@ -14,8 +14,9 @@ One run measures, side by side on the same devices:
    <= 1.15). Every timed call starts from the same state (a fresh copy, made outside the
    timer, of the state after one warm step), so both optimizers time the same forward and
    backward work: chaining the steps lets the two runs' parameters, and with them the MoE
-   routing and its dropless capacities, drift apart, which moved the ratio by +-0.06. Muon's Newton-Schulz work is fixed per step (~75 GFLOP here, 60 of them the
-   3 MoE layers x 64 experts x 3 matrices of 128 x 256), while the model's work grows with
+   routing and its dropless capacities, drift apart, which moved the ratio by +-0.06.
+   Muon's Newton-Schulz work is fixed per step (~75 GFLOP here, 60 of them the 3 MoE
+   layers x 64 experts x 3 matrices of 128 x 256), while the model's work grows with
    tokens, so the ratio falls as tokens per step grow.
 2. Quality: for each optimizer and each lr of the 3-point sweep ``--lrs``, ``--steps`` steps
    from the same init on the same stream of generated text (``data.generated`` 'text'
