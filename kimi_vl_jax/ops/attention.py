@@ -166,7 +166,12 @@ def _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
 def _flash_bwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n, do_n, causal, scale):
   """Backward over tiles (FlashAttention-2 order: key tiles outside, so dk/dv stay in the
   inner carry; scores recomputed from the saved log-sum-exp); each key tile visits only its
-  span of query tiles and adds its dq into that tile in place. Returns dq, dk, dv tiles."""
+  span of query tiles and adds its dq into that tile in place. Returns dq, dk, dv tiles.
+
+  Scores are recomputed transposed, [k, q], so dv = P^T dO and dk = dS^T Q contract over
+  their operands' minor axis, the form XLA:CPU runs fastest (only dq = dS K does not; with
+  [q, k] scores dv and dk both would): one layer's fwd+bwd measured 4-6% faster.
+  """
   _, _, q_lo, q_hi = _tile_spans(sq_n, sk_n, pq_n, pk_n, causal)
   delta_n = jnp.einsum('nbhqd,nbhqd->nbhq', do_n.astype(jnp.float32), o_n.astype(jnp.float32))
 
@@ -177,17 +182,18 @@ def _flash_bwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n, do_n, c
       dk_bhkd, dv_bhkd, dq_n = carry
       q_bhqd, do_bhqd = _tile(q_n, i), _tile(do_n, i)
       lse_bhq, delta_bhq = _tile(lse_n, i), _tile(delta_n, i)
-      ok_b1qk = _allowed(_tile(sq_n, i), sk_bk, _tile(pq_n, i), pk_bk, causal)[:, None]
-      s = jnp.einsum('bhqd,bhkd->bhqk', q_bhqd, k_bhkd,
-                     preferred_element_type=jnp.float32) * scale
-      p = jnp.where(ok_b1qk, jnp.exp(s - lse_bhq[..., None]), 0.0)
-      dv_bhkd = dv_bhkd + jnp.einsum('bhqk,bhqd->bhkd', p.astype(do_bhqd.dtype), do_bhqd,
+      ok_b1kq = jnp.swapaxes(_allowed(_tile(sq_n, i), sk_bk, _tile(pq_n, i), pk_bk, causal),
+                             1, 2)[:, None]
+      s_t = jnp.einsum('bhkd,bhqd->bhkq', k_bhkd, q_bhqd,
+                       preferred_element_type=jnp.float32) * scale
+      p_t = jnp.where(ok_b1kq, jnp.exp(s_t - lse_bhq[:, :, None, :]), 0.0)
+      dv_bhkd = dv_bhkd + jnp.einsum('bhkq,bhqd->bhkd', p_t.astype(do_bhqd.dtype), do_bhqd,
                                      preferred_element_type=jnp.float32)
-      dp = jnp.einsum('bhqd,bhkd->bhqk', do_bhqd, v_bhkd, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_bhq[..., None]) * scale
-      dk_bhkd = dk_bhkd + jnp.einsum('bhqk,bhqd->bhkd', ds.astype(q_bhqd.dtype), q_bhqd,
+      dp_t = jnp.einsum('bhkd,bhqd->bhkq', v_bhkd, do_bhqd, preferred_element_type=jnp.float32)
+      ds_t = p_t * (dp_t - delta_bhq[:, :, None, :]) * scale
+      dk_bhkd = dk_bhkd + jnp.einsum('bhkq,bhqd->bhkd', ds_t.astype(q_bhqd.dtype), q_bhqd,
                                      preferred_element_type=jnp.float32)
-      dq = jnp.einsum('bhqk,bhkd->bhqd', ds.astype(k_bhkd.dtype), k_bhkd,
+      dq = jnp.einsum('bhkq,bhkd->bhqd', ds_t.astype(k_bhkd.dtype), k_bhkd,
                       preferred_element_type=jnp.float32)
       dq_n = jax.lax.dynamic_update_index_in_dim(dq_n, _tile(dq_n, i) + dq, i, axis=0)
       return dk_bhkd, dv_bhkd, dq_n
