@@ -61,6 +61,10 @@ def newton_schulz(x_nab: jax.Array, steps: int = 5, dtype=jnp.float32,
     x = x.astype(dtype)
     norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
     x = (x.astype(jnp.float32) / (norm + eps)).astype(dtype)
+    if tall:
+      # Keeps the transpose a materialized array: folded into the dot of a single step (the
+      # loop removed), it leaves a bf16 x bf16 -> f32 dot that XLA:CPU cannot run.
+      x = jax.lax.optimization_barrier(x)
     # A loop, not 5 unrolled copies: one Muon leaf's HLO stays small (compile time).
     x = jax.lax.fori_loop(0, steps, step, x).astype(jnp.float32)
     return jnp.swapaxes(x, -1, -2) if tall else x

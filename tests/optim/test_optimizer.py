@@ -147,6 +147,19 @@ def test_bf16_newton_schulz_multiplies_bf16_and_accumulates_fp32():
     assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
 
 
+@pytest.mark.parametrize('steps', [1, 2, 5])
+@pytest.mark.parametrize('shape', [(2, 48, 24), (2, 24, 48)])
+def test_bf16_newton_schulz_compiles_for_any_step_count(steps, shape):
+  # With one step XLA drops the loop; a tall matrix's transpose folded into that dot used to
+  # leave a bf16 x bf16 -> f32 dot XLA:CPU cannot run ("Unsupported element type for
+  # DotThunk"), so config.optim.ns_steps=1 crashed inside the compiled step.
+  x = jax.random.normal(jax.random.key(1), shape)
+  o16 = jax.jit(lambda x: muon_math.newton_schulz(x, steps, jnp.bfloat16))(x)
+  o32 = muon_math.newton_schulz(x, steps, jnp.float32)
+  chex.assert_shape(o16, shape)
+  rel = float(jnp.linalg.norm(o16 - o32) / jnp.linalg.norm(o32))
+  assert rel < 0.03, rel
+
 def test_default_ns_dtype_is_bf16():
   assert base_config('tiny').optim.ns_dtype == 'bfloat16'
 
