@@ -26,7 +26,8 @@ from ml_collections import FrozenConfigDict
 
 from kimi_vl_jax.models.mlp import MLP
 from kimi_vl_jax.ops import moe_dispatch
-from kimi_vl_jax.ops.moe_ep import expert_parallel_size, expert_parallel_ffn
+from kimi_vl_jax.ops.moe_ep import (data_parallel_ffn, data_parallel_shards, expert_parallel_ffn,
+                                    expert_parallel_size)
 
 
 def route(x_td, kernel_de, bias_e, *, top_k: int, n_group: int, topk_group: int,
@@ -167,9 +168,10 @@ class MoEBlock(nn.Module):
 
   aux: 'load_e' fp32 [E] routed assignments per expert over non-padding tokens, 'dropped'
   int32 (capacity drops), 'balance_loss' fp32 (alpha-weighted sequence-wise loss; 0 when
-  seq_balance_loss_alpha == 0). Expert parallelism: when the ambient mesh
-  (``jax.set_mesh``) has an 'expert' axis larger than 1, tokens are exchanged with
-  all-to-all so every device runs only its own experts.
+  seq_balance_loss_alpha == 0). On a mesh (``jax.set_mesh``, ``ops/moe_ep.py``): with an
+  'expert' axis larger than 1, tokens are exchanged with all-to-all so every device runs only
+  its own experts; otherwise, when the batch axes split the batch, every device dispatches
+  only its own tokens.
   """
   config: FrozenConfigDict
 
@@ -190,8 +192,9 @@ class MoEBlock(nn.Module):
     w_gate, w_up, w_down = RoutedExperts(cfg, name='experts')()
     kwargs = dict(backend=cfg.moe_backend, capacity_factor=float(cfg.moe_capacity_factor),
                   dtype=dtype)
-    if expert_parallel_size() > 1:
-      routed_btd, dropped = expert_parallel_ffn(
+    if expert_parallel_size() > 1 or data_parallel_shards(b) > 1:
+      sharded_ffn = expert_parallel_ffn if expert_parallel_size() > 1 else data_parallel_ffn
+      routed_btd, dropped = sharded_ffn(
           x_btd.astype(dtype), idx_tk.reshape(b, s, k), w_tk.reshape(b, s, k),
           w_gate, w_up, w_down, **kwargs)
       routed_td = routed_btd.reshape(b * s, d)

@@ -1,7 +1,8 @@
-"""Expert parallelism: routed experts sharded over the 'expert' mesh axis, tokens moved by all-to-all.
+"""Routed experts on a mesh: tokens stay on their devices; with an 'expert' axis they move by all-to-all.
 
-Inside ``jax.shard_map`` every device holds its slice of the batch (split over the data-parallel
-axes, 'expert' included) and E / n experts (n = size of 'expert'). Per device:
+Expert parallelism (``expert_parallel_ffn``). Inside ``jax.shard_map`` every device holds its
+slice of the batch (split over the data-parallel axes, 'expert' included) and E / n experts
+(n = size of 'expert'). Per device:
 
 1. sort its (token, expert) assignments by destination device (expert // (E / n)) into a send
    buffer [n, Cs, D] (Cs rows per destination; assignments past Cs are dropped and counted),
@@ -12,6 +13,12 @@ axes, 'expert' included) and E / n experts (n = size of 'expert'). Per device:
 Cs = ceil(capacity_factor * T_local * K / n) when capacity_factor > 0, else T_local * K (dropless:
 even if every assignment goes to one device). Both exchanges are differentiable (the transpose
 of an all-to-all is the reverse all-to-all), so gradients flow to tokens, weights and router.
+
+Data parallelism without an 'expert' axis (``data_parallel_ffn``): every device dispatches
+only its own tokens to all E experts (weights gathered, as FSDP does for any layer). Left to
+GSPMD, the single-device dispatch (a sort and gathers over the GLOBAL token set) is not
+partitioned: every device computed every token's experts, with dozens of collectives.
+A fixed capacity then applies per device (C from the local tokens), as in GShard.
 """
 from __future__ import annotations
 
@@ -40,6 +47,16 @@ def expert_parallel_size() -> int:
   if mesh is None or EXPERT_AXIS not in mesh.axis_names:
     return 1
   return int(mesh.shape[EXPERT_AXIS])
+
+
+def data_parallel_shards(batch: int) -> int:
+  """Devices the batch is split over for ``data_parallel_ffn``: the product of the ambient mesh's
+  batch axes when there is no 'expert' axis > 1 and it divides ``batch``; else 1 (one dispatch)."""
+  mesh = _ambient_mesh()
+  if mesh is None or expert_parallel_size() > 1:
+    return 1
+  shards = math.prod(int(mesh.shape[ax]) for ax in BATCH_AXES if ax in mesh.axis_names)
+  return shards if shards > 1 and batch % shards == 0 else 1
 
 
 def send_capacity(local_tokens: int, top_k: int, ep: int, capacity_factor: float) -> int:
@@ -117,6 +134,37 @@ def expert_parallel_ffn(x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd,
   args = (x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd)
   if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     # Explicit-sharding meshes require inputs already laid out as in_specs say.
+    args = tuple(jax.reshard(a, spec) for a, spec in zip(args, in_specs))
+  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
+  return fn(*args)
+
+
+def data_parallel_ffn(x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd, *,
+                      backend: str = 'auto', capacity_factor: float = 0.0, dtype=None):
+  """``moe_dispatch.expert_ffn`` with each device dispatching its own slice of the batch.
+
+  Same arguments as ``expert_parallel_ffn``; the ambient mesh's batch axes must divide B
+  (``data_parallel_shards``). Returns (y_btd float32, dropped int32 summed over all devices).
+  """
+  mesh = _ambient_mesh()
+  if mesh is None:
+    raise ValueError('data_parallel_ffn needs an ambient mesh (use jax.set_mesh(mesh))')
+  batch_axes = tuple(ax for ax in BATCH_AXES if ax in mesh.axis_names)
+  b, s, d = x_btd.shape
+  k = idx_btk.shape[-1]
+  dtype = dtype or x_btd.dtype
+  tok, rep = P(batch_axes, None, None), P(None, None, None)
+
+  def body(x, idx, w, wg, wu, wd):
+    bl = x.shape[0]
+    y_td, dropped = moe_dispatch.expert_ffn(
+        x.reshape(bl * s, d), idx.reshape(bl * s, k), w.reshape(bl * s, k), wg, wu, wd,
+        backend=backend, capacity_factor=capacity_factor, dtype=dtype)
+    return y_td.reshape(bl, s, d), jax.lax.psum(dropped, batch_axes)
+
+  in_specs = (tok, tok, tok, rep, rep, rep)
+  args = (x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd)
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     args = tuple(jax.reshard(a, spec) for a, spec in zip(args, in_specs))
   fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
   return fn(*args)

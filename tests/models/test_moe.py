@@ -202,3 +202,70 @@ def test_block_under_expert_parallel_mesh_matches_single_device():
   np.testing.assert_array_equal(aux['load_e'], aux_ref['load_e'])
   np.testing.assert_allclose(aux['balance_loss'], aux_ref['balance_loss'], rtol=1e-5)
   jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5), g, g_ref)
+
+
+def _sort_sizes(compiled_text: str) -> set:
+  """Element counts of the keys of every sort in an HLO module."""
+  import re
+  return {int(n) for n in re.findall(r'= \(s32\[(\d+)\]\S*[^=]*? sort\(', compiled_text)}
+
+
+@pytest.mark.parametrize('axes', [(8, 1), (2, 4)])
+def test_block_under_data_parallel_mesh_dispatches_local_tokens(axes):
+  """data x fsdp mesh, no 'expert' axis: every device sorts and runs only its own tokens
+  (GSPMD left the single-device dispatch unpartitioned: every device computed all tokens),
+  and outputs, load statistics and gradients equal one device's."""
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 (simulated) devices')
+  cfg = _cfg(seq_balance_loss_alpha=1e-3)
+  b, s = 8, 8
+  variables, x, _ = _init(cfg, b=b, s=s)
+  seg = jnp.ones((b, s), jnp.int32).at[2, 5:].set(0)
+
+  def loss(p):
+    y, aux = MoEBlock(cfg).apply({**variables, 'params': p}, x, seg)
+    return jnp.sum(y ** 2) + aux['balance_loss'], (y, aux)
+
+  grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (_, (y_ref, aux_ref)), g_ref = grad(variables['params'])
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(*axes, 1, 1), ('data', 'fsdp', 'expert', 'tensor'))
+  with jax.set_mesh(mesh):
+    (_, (y, aux)), g = grad(variables['params'])
+    sorts = _sort_sizes(grad.lower(variables['params']).compile().as_text())
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  np.testing.assert_array_equal(aux['load_e'], aux_ref['load_e'])
+  assert int(aux['dropped']) == 0
+  np.testing.assert_allclose(aux['balance_loss'], aux_ref['balance_loss'], rtol=1e-5)
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5), g, g_ref)
+  k = cfg.num_experts_per_tok
+  assert b * s * k // 8 in sorts and b * s * k not in sorts, sorts   # local assignments only
+  assert b * s * k in _sort_sizes(grad.lower(variables['params']).compile().as_text())
+
+
+def test_data_parallel_capacity_drops_per_device_and_falls_back_when_batch_does_not_split():
+  from kimi_vl_jax.ops import moe_ep
+  if jax.device_count() < 8:
+    pytest.skip('needs 8 (simulated) devices')
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(8, 1, 1, 1), ('data', 'fsdp', 'expert', 'tensor'))
+  # Capacity C = ceil(1.0 * 8 tokens * 3 / 8 experts) = 3 per expert and device; all tokens
+  # pick experts 0, 1, 2: 8 - 3 = 5 drops per expert and device, 15 per device, 120 in all.
+  cfg = _cfg(moe_capacity_factor=1.0)
+  variables, x, _ = _init(cfg, b=8, s=8)
+  d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+  ws = [jnp.ones((e, d, f)) * 0.1, jnp.ones((e, d, f)) * 0.1, jnp.ones((e, f, d)) * 0.1]
+  idx = jnp.broadcast_to(jnp.array([0, 1, 2], jnp.int32), (8, 8, 3))
+  w = jnp.ones((8, 8, 3)) / 3
+  with jax.set_mesh(mesh):
+    assert moe_ep.data_parallel_shards(8) == 8
+    assert moe_ep.data_parallel_shards(12) == 1      # does not split: one global dispatch
+    y, dropped = jax.jit(lambda *a: moe_ep.data_parallel_ffn(
+        *a, backend='capacity', capacity_factor=1.0))(x, idx, w, *ws)
+  assert int(dropped) == 120
+  assert moe_ep.data_parallel_shards(8) == 1          # no ambient mesh
+  # A batch the mesh cannot split runs the single-device dispatch and still matches.
+  cfg = _cfg()
+  variables, x, seg = _init(cfg, b=3, s=8)
+  y_ref, _ = MoEBlock(cfg).apply(variables, x, seg)
+  with jax.set_mesh(mesh):
+    y, _ = jax.jit(lambda v, x: MoEBlock(cfg).apply(v, x, seg))(variables, x)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
