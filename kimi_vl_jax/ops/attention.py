@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kimi_vl_jax.parallel.vma import vary_like
+
 BACKENDS = ('auto', 'xla', 'naive', 'cudnn', 'splash')
 
 
@@ -151,8 +153,10 @@ def _flash_fwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, causal, scale):
                       preferred_element_type=jnp.float32)
       return m_new, l_new, alpha[..., None] * acc_bhqd + pv
 
-    init = (jnp.full((b_sz, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b_sz, h, bq), jnp.float32),
-            jnp.zeros((b_sz, h, bq, dv), jnp.float32))
+    # Carries vary like the tiles, so the loop also traces inside shard_map.
+    init = tuple(vary_like(x, q_bhqd, k_n, v_n, sk_n, pk_n) for x in (
+        jnp.full((b_sz, h, bq), -jnp.inf, jnp.float32), jnp.zeros((b_sz, h, bq), jnp.float32),
+        jnp.zeros((b_sz, h, bq, dv), jnp.float32)))
     m, l, acc = jax.lax.fori_loop(lo, hi + 1, kv_block, init)
     empty = l == 0   # padding query or no visible key: output zeros
     o_bhqd = acc / jnp.where(empty, 1.0, l)[..., None]
@@ -198,11 +202,14 @@ def _flash_bwd_blocks(q_n, k_n, v_n, sq_n, sk_n, pq_n, pk_n, o_n, lse_n, do_n, c
       dq_n = jax.lax.dynamic_update_index_in_dim(dq_n, _tile(dq_n, i) + dq, i, axis=0)
       return dk_bhkd, dv_bhkd, dq_n
 
-    init = (jnp.zeros(k_bhkd.shape, jnp.float32), jnp.zeros(v_bhkd.shape, jnp.float32), dq_n)
+    refs = (k_bhkd, v_bhkd, q_n, do_n, lse_n, sq_n, pq_n)
+    init = (vary_like(jnp.zeros(k_bhkd.shape, jnp.float32), *refs),
+            vary_like(jnp.zeros(v_bhkd.shape, jnp.float32), *refs), dq_n)
     dk, dv, dq_n = jax.lax.fori_loop(lo, hi + 1, q_block, init)
     return dq_n, (dk, dv)
 
-  dq_n, (dk_n, dv_n) = jax.lax.scan(kv_block, jnp.zeros(q_n.shape, jnp.float32),
+  dq0 = vary_like(jnp.zeros(q_n.shape, jnp.float32), q_n, k_n, v_n, do_n, lse_n, sq_n, sk_n)
+  dq_n, (dk_n, dv_n) = jax.lax.scan(kv_block, dq0,
                                     (k_n, v_n, sk_n, pk_n, q_lo, q_hi))
   return dq_n.astype(q_n.dtype), dk_n.astype(k_n.dtype), dv_n.astype(v_n.dtype)
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from kimi_vl_jax.ops.moe_layout import _clean, _rank_within_expert, _take_rows, plan_capacity
+from kimi_vl_jax.parallel.vma import varying_axes
 
 # Dropless capacities tried, as multiples of the balanced load T * K / E. The first group
 # holds the busiest expert, never below the mean; the hot group's ladder is coarse (it has only
@@ -70,22 +71,13 @@ def group_capacities(num_tokens: int, num_assignments: int, num_experts: int,
   return tuple(ladders)
 
 
-def _varying_axes(v) -> frozenset:
-  """Mesh axes along which a value varies inside shard_map (empty outside)."""
-  aval = jax.typeof(v)
-  mat = getattr(aval, 'manual_axis_type', None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, 'vma', ()))
-
-
 def _match_vma(ct, like):
   """Gives a cotangent the same varying-manual-axes type as its primal (inside shard_map).
 
   A weight replicated over data-parallel axes gets a per-device gradient from the local tokens;
   the transpose of that implicit broadcast is a psum over those axes.
   """
-  have, want = _varying_axes(ct), _varying_axes(like)
+  have, want = varying_axes(ct), varying_axes(like)
   if have - want:
     ct = jax.lax.psum(ct, tuple(sorted(have - want)))
   if want - have:

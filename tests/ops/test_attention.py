@@ -232,3 +232,26 @@ def test_xla_under_vmap_with_per_example_spans():
   want = jax.vmap(jax.grad(loss(naive), argnums=(0, 1, 2)))(q, k, v, seg)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_xla_traces_inside_shard_map(causal):
+  # Per-device attention (e.g. heads or rows split by shard_map, check_vma on): the tile loops'
+  # carries must vary like the inputs or the loops do not trace.
+  if jax.device_count() < 4:
+    pytest.skip('needs 4 (simulated) devices')
+  from jax.sharding import Mesh, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ('rows', 'heads'))
+  q, k, v = _inputs(9, 4, 96, 4, 16, 8)
+  seg, pos = _packed([[40, 56], [96], [10, 20, 30], [64]], 96)
+  f = lambda q, k, v, seg, pos: attention(q, k, v, seg, causal=causal, backend='xla',
+                                          block_size=32, positions_q_bs=pos, positions_kv_bs=pos)
+  qkv_spec, id_spec = P('rows', None, 'heads'), P('rows')
+  sharded = jax.shard_map(f, mesh=mesh, in_specs=(qkv_spec,) * 3 + (id_spec,) * 2,
+                          out_specs=qkv_spec)
+  loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, seg, pos))))
+  out, ref = jax.jit(sharded)(q, k, v, seg, pos), f(q, k, v, seg, pos)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  grads = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2)))(q, k, v)
+  for g, r in zip(grads, jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, r, atol=1e-5)
