@@ -122,21 +122,25 @@ def expert_parallel_ffn(x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd,
     raise ValueError(f'batch {x_btd.shape[0]} is not divisible by the {shards} data-parallel '
                      f'shards {batch_axes} needed for expert parallelism')
   dtype = dtype or x_btd.dtype
-  tok = P(batch_axes, None, None)
-  wsp = P(EXPERT_AXIS, None, None)
 
   def body(x, idx, w, wg, wu, wd):
     return _local_ffn(x, idx, w, wg, wu, wd, num_experts=num_experts, ep=ep,
                       backend=backend, capacity_factor=capacity_factor, dtype=dtype,
                       batch_axes=batch_axes)
 
-  in_specs = (tok, tok, tok, wsp, wsp, wsp)
-  args = (x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd)
+  return _over_tokens(body, mesh, batch_axes, P(EXPERT_AXIS, None, None),
+                      (x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd))
+
+
+def _over_tokens(body, mesh, batch_axes, weight_spec, args):
+  """``shard_map`` of body(x, idx, w, w_gate, w_up, w_down) -> (y, dropped): the token arrays
+  split over ``batch_axes``, the three expert weights laid out as ``weight_spec``."""
+  tok = P(batch_axes, None, None)
+  in_specs = (tok, tok, tok, weight_spec, weight_spec, weight_spec)
   if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
     # Explicit-sharding meshes require inputs already laid out as in_specs say.
     args = tuple(jax.reshard(a, spec) for a, spec in zip(args, in_specs))
-  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
-  return fn(*args)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))(*args)
 
 
 def data_parallel_ffn(x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd, *,
@@ -151,9 +155,12 @@ def data_parallel_ffn(x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd, *
     raise ValueError('data_parallel_ffn needs an ambient mesh (use jax.set_mesh(mesh))')
   batch_axes = tuple(ax for ax in BATCH_AXES if ax in mesh.axis_names)
   b, s, d = x_btd.shape
+  shards = math.prod(int(mesh.shape[ax]) for ax in batch_axes)
+  if b % shards:
+    raise ValueError(f'batch {b} is not divisible by the {shards} data-parallel shards '
+                     f'{batch_axes}')
   k = idx_btk.shape[-1]
   dtype = dtype or x_btd.dtype
-  tok, rep = P(batch_axes, None, None), P(None, None, None)
 
   def body(x, idx, w, wg, wu, wd):
     bl = x.shape[0]
@@ -162,9 +169,5 @@ def data_parallel_ffn(x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd, *
         backend=backend, capacity_factor=capacity_factor, dtype=dtype)
     return y_td.reshape(bl, s, d), jax.lax.psum(dropped, batch_axes)
 
-  in_specs = (tok, tok, tok, rep, rep, rep)
-  args = (x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd)
-  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-    args = tuple(jax.reshard(a, spec) for a, spec in zip(args, in_specs))
-  fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(tok, P()))
-  return fn(*args)
+  return _over_tokens(body, mesh, batch_axes, P(None, None, None),
+                      (x_btd, idx_btk, w_btk, w_gate_edf, w_up_edf, w_down_efd))

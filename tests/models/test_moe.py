@@ -261,6 +261,8 @@ def test_data_parallel_capacity_drops_per_device_and_falls_back_when_batch_does_
     y, dropped = jax.jit(lambda *a: moe_ep.data_parallel_ffn(
         *a, backend='capacity', capacity_factor=1.0))(x, idx, w, *ws)
   assert int(dropped) == 120
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match='batch 4 is not divisible by the 8'):
+    moe_ep.data_parallel_ffn(x[:4], idx[:4], w[:4], *ws)
   assert moe_ep.data_parallel_shards(8) == 1          # no ambient mesh
   # A batch the mesh cannot split runs the single-device dispatch and still matches.
   cfg = _cfg()
