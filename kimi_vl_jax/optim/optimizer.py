@@ -158,22 +158,26 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
         out_nu.append(_MASKED)
         continue
       if t == 'muon':
+        r = p.route
         if mesh is None:
           n, m = muon_math.nesterov_momentum(g, m, mom)
-          r = p.route
-          d = muon_math.orthogonalized_update(n, r.reduction, r.output, r.batch, r.matrix_shape,
-                                              ns_steps, ns_dtype)
+          o = muon_math.orthogonalized(n, r.reduction, r.output, r.batch, ns_steps, ns_dtype)
         else:
-          d, m = zero1.muon_leaf_update(g, m, p, mesh, momentum=mom, ns_steps=ns_steps,
+          o, m = zero1.muon_leaf_update(g, m, p, mesh, momentum=mom, ns_steps=ns_steps,
                                         ns_dtype=ns_dtype)
+        scale = muon_math.rms_scale(r.matrix_shape)
+        d = o * scale
+        # The RMS sum reads NS's output, not d: d then has one consumer (the update below)
+        # and fuses into it instead of being written out as a full-size array.
+        sq[t] = sq[t] + scale * scale * jnp.sum(jnp.square(o))
         out_nu.append(_MASKED)
       else:
         g_s = zero1.constrain(g, mesh, p.state_spec)
         d, m, v = muon_math.adam_direction(g_s, m, v, count_inc, b1, b2, eps)
         d = zero1.constrain(d, mesh, p.param_spec)
+        sq[t] = sq[t] + jnp.sum(jnp.square(d))
         out_nu.append(v)
       out_mu.append(m)
-      sq[t] = sq[t] + jnp.sum(jnp.square(d))
       n_el[t] += int(np.prod(p.route.shape))
       step = d + wd * w.astype(jnp.float32) if wd else d
       out_u.append((-lr * step).astype(g.dtype))

@@ -213,7 +213,7 @@ def _gather_full(x, plan: LeafPlan, mesh: Mesh):
 
 def muon_leaf_update(grad, mom, plan: LeafPlan, mesh: Mesh, *, momentum: float, ns_steps: int,
                      ns_dtype) -> tuple[jax.Array, jax.Array]:
-  """(scaled orthogonalized update in pp, new momentum in ps) for one Muon parameter."""
+  """(NS of the Nesterov momentum in pp, unscaled; new momentum in ps) for one Muon parameter."""
   r = plan.route
 
   def body(g, m):   # g: the pre block, m: the ps block
@@ -225,8 +225,7 @@ def muon_leaf_update(grad, mom, plan: LeafPlan, mesh: Mesh, *, momentum: float, 
     n, m = muon_math.nesterov_momentum(x, m, momentum)
     if plan.gather_axes:
       n = _gather_full(n.astype(ns_dtype), plan, mesh)
-    u = muon_math.orthogonalized_update(n, r.reduction, r.output, r.batch, r.matrix_shape,
-                                        ns_steps, ns_dtype)
+    u = muon_math.orthogonalized(n, r.reduction, r.output, r.batch, ns_steps, ns_dtype)
     if plan.mode == 'gather':
       for d in r.reduction + r.output:   # keep this device's pp block of the full matrix
         if plan.pp[d]:

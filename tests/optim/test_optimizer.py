@@ -198,3 +198,20 @@ def test_adamw_baseline_and_schedules(tiny):
     assert abs(end - (2e-2 if name == 'constant' else 2e-3)) < 1e-8, (name, end)
   with pytest.raises(ValueError, match='decay_steps'):
     make_schedule(optim_cfg(), None)
+
+
+def test_update_rms_is_the_rms_of_the_directions(tiny):
+  """update_rms is computed from NS's output (not from the scaled direction); it must still
+  equal the RMS of each group's pre-lr direction, recovered here from the update."""
+  boxed = tiny.params()
+  params = nn.unbox(boxed)
+  cfg = optim_cfg(schedule='constant', warmup_steps=0, weight_decay=0.0)
+  tx = build_optimizer(cfg, boxed, total_steps=STEPS)
+  updates, state = jax.jit(tx.update)(tiny.grads(params, 0), tx.init(params), params)
+  routes = jax.tree.leaves(route_params(boxed), is_leaf=lambda x: isinstance(x, Route))
+  for group in ('muon', 'adamw'):
+    d = [np.asarray(u, np.float64) / -cfg.lr for u, r in zip(jax.tree.leaves(updates), routes)
+         if r.treatment == group]
+    expected = np.sqrt(sum((x ** 2).sum() for x in d) / sum(x.size for x in d))
+    np.testing.assert_allclose(float(state.update_rms[group]), expected, rtol=1e-5)
+
