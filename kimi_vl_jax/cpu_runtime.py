@@ -91,6 +91,28 @@ def prefer_wide_vectors() -> bool:
   return True
 
 
+HOST_DEVICES_FLAG = 'xla_force_host_platform_device_count'
+
+
+def request_host_devices(count: int) -> int:
+  """Asks XLA:CPU for ``count`` host devices (``--xla_force_host_platform_device_count``).
+
+  Why: one XLA:CPU device runs a program's small dots and loop bodies on one thread, so on a
+  multi-core host a data-parallel program over one device per core keeps every core busy
+  (``python -m kimi_vl_jax.bench.vision``). Leaves ``XLA_FLAGS`` alone when it already sets
+  the count, and does nothing once a backend has started (the flag is read at start).
+  Returns the count in effect from ``XLA_FLAGS`` (1 when unset).
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  if HOST_DEVICES_FLAG not in flags and count > 1 and not _backends_started():
+    flags = f'{flags} --{HOST_DEVICES_FLAG}={count}'.strip()
+    os.environ['XLA_FLAGS'] = flags
+  for token in flags.split():
+    if token.lstrip('-').startswith(HOST_DEVICES_FLAG + '='):
+      return int(token.split('=', 1)[1])
+  return 1
+
+
 def setup() -> dict:
   """Applies the settings of the module doc; returns what was done (for the log).
 

@@ -85,3 +85,18 @@ def test_prefer_wide_vectors_appends_once_and_keeps_an_explicit_width(monkeypatc
   monkeypatch.setattr(cpu_runtime, 'has_avx512', lambda: False)
   monkeypatch.delenv('XLA_FLAGS')
   assert cpu_runtime.prefer_wide_vectors() is False and 'XLA_FLAGS' not in os.environ
+
+
+def test_request_host_devices_sets_the_count_once_and_respects_an_explicit_one(monkeypatch):
+  monkeypatch.setattr(cpu_runtime, '_backends_started', lambda: False)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_prefer_vector_width=512')
+  assert cpu_runtime.request_host_devices(2) == 2
+  assert os.environ['XLA_FLAGS'] == ('--xla_cpu_prefer_vector_width=512 '
+                                     '--xla_force_host_platform_device_count=2')
+  assert cpu_runtime.request_host_devices(4) == 2            # already set: kept
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert cpu_runtime.request_host_devices(2) == 8
+  monkeypatch.delenv('XLA_FLAGS')
+  assert cpu_runtime.request_host_devices(1) == 1 and 'XLA_FLAGS' not in os.environ
+  monkeypatch.setattr(cpu_runtime, '_backends_started', lambda: True)
+  assert cpu_runtime.request_host_devices(2) == 1 and 'XLA_FLAGS' not in os.environ

@@ -1,21 +1,34 @@
 """Vision-tower benchmark: packed JAX MoonViT vs transformers' torch Kimi_K25VisionModel.
 
-``python -m kimi_vl_jax.bench.vision`` (small preset): a batch of 8 images of mixed sizes up
-to 448x448 goes through the host image processor, is packed into one fixed patch buffer, and
-both towers (same weights, fp32, same threads) run forward+backward of the same loss
-(mean square of the final features) on the same images. Timings exclude compilation and
-warm-up; each side is measured in alternating rounds so machine noise hits both equally.
-The last printed line is a JSON object.
+``python -m kimi_vl_jax.bench.vision [--host_devices N]`` (small preset): a batch of 8 images
+of mixed sizes up to 448x448 goes through the host image processor and is packed into fixed
+patch buffers; both towers (same weights, fp32) run forward+backward of the same loss (mean
+square of the final features) on the same images.
+
+Both sides use every core. torch runs one process with a thread per core. JAX runs data
+parallel over one XLA:CPU host device per core (``--host_devices``, default: the core count,
+at most one per image): the images are split over the devices into equal buffers
+(``patch_packing.assign_balanced``), params are replicated and gradients summed. One XLA:CPU
+device runs small dots and loop bodies on one thread, so this keeps both cores of a 2-core
+host busy where a single device leaves one idle much of the step. The single-device step
+(all images in one buffer) is timed in the same rounds and reported too
+(``jax_one_device_*``).
+
+Timings exclude compilation and warm-up; the configurations are measured in alternating
+rounds so machine noise hits them equally. The last printed line is a JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import FrozenConfigDict
 from PIL import Image
 
@@ -60,20 +73,41 @@ def _time(fn, iters: int) -> tuple[float, float]:
   return (time.perf_counter() - t0) / iters, (time.process_time() - c0) / iters
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preset', default='small')
   parser.add_argument('--iters', type=int, default=3, help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=3, help='alternating JAX/torch rounds')
   parser.add_argument('--threads', type=int, default=0, help='torch threads (0: all cores)')
+  parser.add_argument('--host_devices', type=int, default=0,
+                      help='JAX data-parallel host devices (0: one per core); read before JAX '
+                           'starts, unless XLA_FLAGS sets the count')
   # Since each query tile visits only its span of key tiles, 128, 256 and 512 measure within
   # noise of each other here (1072, 1043, 1042 ms), so the preset's own value is the default.
   parser.add_argument('--attention_block_size', type=int, default=0,
                       help="JAX attention tile (0: the preset's vision.attention_block_size)")
   parser.add_argument('--max_patches', type=int, default=0,
-                      help='patch slots of the buffer (0: the batch rounded up to 128)')
-  args = parser.parse_args(argv)
-  import os
+                      help='patch slots per buffer (0: the balanced share rounded up to 64)')
+  return parser
+
+
+def _pack(images, num_examples: int, max_patches: int):
+  """(batch dict of [num_examples, P, ...] arrays, P): images split over the examples."""
+  sizes = [im.num_patches for im in images]
+  if max_patches:
+    groups = patch_packing.assign_first_fit(sizes, max_patches)
+    if len(groups) > num_examples:
+      raise SystemExit(f'--max_patches={max_patches}: the images need {len(groups)} buffers, '
+                       f'more than the {num_examples} devices')
+    groups += [[] for _ in range(num_examples - len(groups))]
+  else:
+    groups, max_patches = patch_packing.assign_balanced(sizes, num_examples)
+  packs = [patch_packing.pack_images([images[i] for i in g], max_patches) for g in groups]
+  return patch_packing.stack_packs(packs), max_patches
+
+
+def main(argv=None) -> dict:
+  args = _parser().parse_args(argv)
   import torch
   threads = args.threads or os.cpu_count() or 1
 
@@ -83,30 +117,45 @@ def main(argv=None) -> dict:
   vcfg = FrozenConfigDict(model_cfg.vision)
   images = _images(0)
   total = sum(im.num_patches for im in images)
-  max_patches = args.max_patches or -(-total // 128) * 128
-  pack = patch_packing.pack_images(images, max_patches)
-  batch = {k: jnp.asarray(v[None]) for k, v in pack.arrays().items()}
+  n_dev = min(jax.device_count(), len(images))
+  devices = jax.devices()[:n_dev]
   print(f'preset {args.preset}: vision hidden {vcfg.hidden_size}, {vcfg.num_hidden_layers} layers, '
         f'{vcfg.num_attention_heads} heads, attention {vcfg.attention_backend} block '
-        f'{vcfg.attention_block_size}; devices {jax.devices()[0].platform} x{jax.device_count()}')
+        f'{vcfg.attention_block_size}; devices {devices[0].platform} x{n_dev}')
   print(f'images (w x h px -> h x w patches): ' + ', '.join(
       f'{w}x{h}->{im.grid_hw[0]}x{im.grid_hw[1]}' for (w, h), im in zip(IMAGE_SIZES, images)))
-  print(f'packed {total} patches into 1 x {max_patches} slots: efficiency {pack.efficiency:.4f}')
+  configs = {'dp': n_dev} if n_dev == 1 else {'dp': n_dev, 'one_device': 1}
+  batches, slots, efficiency = {}, {}, {}
+  for name, n in configs.items():
+    batch, slots[name] = _pack(images, n, args.max_patches)
+    efficiency[name] = patch_packing.packing_efficiency(batch['segment_ids'])
+    print(f'{name}: packed {total} patches into {n} x {slots[name]} slots: efficiency '
+          f'{efficiency[name]:.4f}')
+    mesh = Mesh(np.array(devices[:n]), ('data',))
+    batches[name] = (mesh, {k: jax.device_put(jnp.asarray(v), NamedSharding(mesh, P('data')))
+                            for k, v in batch.items()})
 
   tower = _torch_tower(vcfg, threads)
   state = {k: v.detach().numpy() for k, v in tower.state_dict().items()}
-  params = jax.tree.map(jnp.asarray, hf_vision.vision_from_hf(state, vcfg, prefix=''))
+  params_host = hf_vision.vision_from_hf(state, vcfg, prefix='')
   model = MoonViT(vcfg)
-  n_real = pack.num_real_patches
+  n_real = total
 
   def loss_fn(p, b):
     feats = model.apply({'params': p}, b['patches'], b['segment_ids'], b['rows'], b['cols'],
                         b['grid_h'], b['grid_w'])
     return jnp.sum(jnp.square(feats)) / (n_real * vcfg.hidden_size)
 
-  step = jax.jit(jax.value_and_grad(loss_fn))
-  jax_loss, grads = step(params, batch)
-  jax.block_until_ready(grads)
+  runs, losses = {}, {}
+  for name, (mesh, batch) in batches.items():
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(jax.tree.map(jnp.asarray, params_host), replicated)
+    step = jax.jit(jax.value_and_grad(loss_fn), out_shardings=replicated)
+    loss, grads = step(params, batch)
+    jax.block_until_ready(grads)
+    losses[name] = float(loss)
+    runs[name] = functools.partial(lambda s, p, b: jax.block_until_ready(s(p, b)),
+                                   step, params, batch)
 
   pixels = torch.from_numpy(np.concatenate([im.patches for im in images])).reshape(-1, 3, 14, 14)
   grid_thw = torch.tensor([[1, *im.grid_hw] for im in images])
@@ -119,43 +168,60 @@ def main(argv=None) -> dict:
     return loss
 
   torch_loss = float(torch_step().detach())
-  print(f'same loss on both sides: jax {float(jax_loss):.6f} torch {torch_loss:.6f}')
+  print('same loss on both sides: ' + ' '.join(f'jax[{k}] {v:.6f}' for k, v in losses.items())
+        + f' torch {torch_loss:.6f}')
+  for name, loss in losses.items():   # every configuration times the same computation
+    if not np.isclose(loss, torch_loss, rtol=1e-4, atol=0):
+      raise RuntimeError(f'jax[{name}] loss {loss} != torch loss {torch_loss}: the towers differ')
 
-  def jax_run():
-    jax.block_until_ready(step(params, batch))
-
-  jax_times, torch_times = [], []
+  times = {name: [] for name in [*runs, 'torch']}
   for _ in range(args.rounds):
-    jax_times.append(_time(jax_run, args.iters))
-    torch_times.append(_time(torch_step, args.iters))
-  jax_s, torch_s = min(t[0] for t in jax_times), min(t[0] for t in torch_times)
-  jax_cpu, torch_cpu = min(t[1] for t in jax_times), min(t[1] for t in torch_times)
+    for name, fn in [*runs.items(), ('torch', torch_step)]:
+      times[name].append(_time(fn, args.iters))
+  wall = {k: min(t[0] for t in v) for k, v in times.items()}
+  cpu = {k: min(t[1] for t in v) for k, v in times.items()}
+  jax_s, torch_s = wall['dp'], wall['torch']
   n_img = len(images)
   result = {
       'preset': args.preset,
       'num_images': n_img,
-      'max_patches': max_patches,
+      'jax_devices': n_dev,
+      'max_patches': slots['dp'],
       'real_patches': total,
-      'packing_efficiency': round(pack.efficiency, 4),
+      'packing_efficiency': round(efficiency['dp'], 4),
       'jax_step_s': round(jax_s, 4),
       'torch_step_s': round(torch_s, 4),
       'jax_images_per_s': round(n_img / jax_s, 2),
       'torch_images_per_s': round(n_img / torch_s, 2),
       'speedup_vs_torch': round(torch_s / jax_s, 3),
-      'jax_cpu_s_per_step': round(jax_cpu, 4),
-      'torch_cpu_s_per_step': round(torch_cpu, 4),
-      'cpu_time_ratio': round(torch_cpu / jax_cpu, 3),
+      'jax_cpu_s_per_step': round(cpu['dp'], 4),
+      'torch_cpu_s_per_step': round(cpu['torch'], 4),
+      'cpu_time_ratio': round(cpu['torch'] / cpu['dp'], 3),
       'torch_threads': threads,
       'attention_block_size': vcfg.attention_block_size,
   }
-  print(f'fwd+bwd: jax {jax_s * 1e3:.1f} ms/step ({n_img / jax_s:.2f} img/s), torch sdpa '
-        f'{torch_s * 1e3:.1f} ms/step ({n_img / torch_s:.2f} img/s): {torch_s / jax_s:.2f}x; '
-        f'process CPU s/step jax {jax_cpu:.2f} torch {torch_cpu:.2f}')
+  if 'one_device' in wall:
+    one = wall['one_device']
+    result.update({
+        'jax_one_device_step_s': round(one, 4),
+        'jax_one_device_images_per_s': round(n_img / one, 2),
+        'jax_one_device_speedup_vs_torch': round(torch_s / one, 3),
+        'jax_one_device_packing_efficiency': round(efficiency['one_device'], 4),
+    })
+    print(f'fwd+bwd, jax on one device: {one * 1e3:.1f} ms/step ({n_img / one:.2f} img/s): '
+          f'{torch_s / one:.2f}x torch')
+  print(f'fwd+bwd: jax ({n_dev} device{"s" if n_dev > 1 else ""}) {jax_s * 1e3:.1f} ms/step '
+        f'({n_img / jax_s:.2f} img/s), torch sdpa {torch_s * 1e3:.1f} ms/step '
+        f'({n_img / torch_s:.2f} img/s): {torch_s / jax_s:.2f}x; '
+        f'process CPU s/step jax {cpu["dp"]:.2f} torch {cpu["torch"]:.2f}')
   print(json.dumps(result))
   return result
 
 
 if __name__ == '__main__':
   from kimi_vl_jax import cpu_runtime
-  print('cpu runtime:', cpu_runtime.setup())   # before the first computation
+  _known, _ = _parser().parse_known_args()
+  # Before the first computation: XLA reads the device count when the CPU client starts.
+  cpu_runtime.request_host_devices(_known.host_devices or os.cpu_count() or 1)
+  print('cpu runtime:', cpu_runtime.setup())
   main()

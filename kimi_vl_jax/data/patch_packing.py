@@ -189,3 +189,27 @@ def assign_first_fit(num_patches: Sequence[int], max_patches: int) -> list[list[
       bins.append([i])
       free.append(max_patches - n)
   return [sorted(b) for b in bins]
+
+
+def assign_balanced(num_patches: Sequence[int], num_examples: int,
+                    multiple: int = 64) -> tuple[list[list[int]], int]:
+  """Images split over exactly ``num_examples`` examples of one buffer size, as even as fits.
+
+  For data parallelism over a fixed number of devices (one example each). Returns (per-example
+  lists of image indices in ascending order, some possibly empty; max_patches), where
+  max_patches is the smallest multiple of ``multiple`` that is at least the balanced share
+  ceil(total / num_examples) and into which first-fit-decreasing places every image in
+  ``num_examples`` examples or fewer.
+  """
+  if num_examples < 1:
+    raise PackingError(f'num_examples must be >= 1, got {num_examples}')
+  if multiple < 4 or multiple % 4:
+    raise PackingError(f'multiple must be a positive multiple of 4 (merge blocks), got {multiple}')
+  total = sum(num_patches)
+  size = max(-(-total // num_examples), max(num_patches, default=0), 1)
+  size = -(-size // multiple) * multiple
+  while True:   # ends: at size >= total one example holds everything
+    bins = assign_first_fit(num_patches, size)
+    if len(bins) <= num_examples:
+      return bins + [[] for _ in range(num_examples - len(bins))], size
+    size += multiple

@@ -72,3 +72,25 @@ def test_first_fit_assignment():
   assert len(bins) == 3
   with pytest.raises(pp.PackingError, match=r'image\[5\] has 50 patches'):
     pp.assign_first_fit(sizes, 48)
+
+
+def test_balanced_assignment_over_a_fixed_number_of_examples():
+  # bench.vision's mix (patches per image): two examples of 2240 slots, 97.3% full.
+  sizes = [1024, 768, 512, 560, 576, 280, 384, 256]
+  bins, size = pp.assign_balanced(sizes, 2)
+  assert size == 2240 and len(bins) == 2
+  assert sorted(i for b in bins for i in b) == list(range(8))
+  assert all(sum(sizes[i] for i in b) <= size for b in bins)
+  # One example: everything in one buffer of the total rounded up.
+  assert pp.assign_balanced(sizes, 1) == ([list(range(8))], 4416)
+  # A share that first-fit cannot meet grows by the multiple until the images fit.
+  bins, size = pp.assign_balanced([60, 60, 60], 2, multiple=8)
+  assert size == 120 and sorted(len(b) for b in bins) == [1, 2]
+  # More examples than images: the extra examples are empty, the buffer fits the largest.
+  bins, size = pp.assign_balanced([16, 8], 4, multiple=8)
+  assert size == 16 and bins == [[0], [1], [], []]
+  images = [_image(4, 4), _image(2, 4)]
+  packs = [pp.pack_images([images[i] for i in b], size, patch_dim=4) for b in bins]
+  assert pp.stack_packs(packs)['segment_ids'].shape == (4, 16)
+  with pytest.raises(pp.PackingError, match='num_examples'):
+    pp.assign_balanced(sizes, 0)
