@@ -68,13 +68,25 @@ def rope_angles(rows_bp: jax.Array, cols_bp: jax.Array, head_dim: int, theta: fl
   return jnp.stack([col, row], axis=-1).reshape(*rows_bp.shape, head_dim // 2)
 
 
-def apply_rope(x_bphd: jax.Array, angles_bpm: jax.Array) -> jax.Array:
-  """Rotates interleaved pairs (x[2m], x[2m+1]) by angle m, in fp32, cast back."""
+def rope_cos_sin(angles_bpm: jax.Array) -> jax.Array:
+  """[B, P, M] angles -> [2, B, P, M] (cos, sin), computed once for all blocks.
+
+  The optimization barrier keeps them one materialized array: otherwise XLA fuses cos and
+  sin into every consumer and evaluates them per element of q and k (x heads), in every
+  block, forward and backward (16 such passes over [P, heads, head_dim] in a 4-block tower).
+  """
+  return jax.lax.optimization_barrier(jnp.stack([jnp.cos(angles_bpm), jnp.sin(angles_bpm)]))
+
+
+def apply_rope(x_bphd: jax.Array, cos_sin_2bpm: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs (x[2m], x[2m+1]) by angle m, in fp32, cast back.
+
+  ``cos_sin_2bpm``: ``rope_cos_sin`` of the angles.
+  """
   dtype = x_bphd.dtype
   x = x_bphd.astype(jnp.float32).reshape(*x_bphd.shape[:-1], -1, 2)
   a, b = x[..., 0], x[..., 1]
-  cos = jnp.cos(angles_bpm)[:, :, None, :]
-  sin = jnp.sin(angles_bpm)[:, :, None, :]
+  cos, sin = cos_sin_2bpm[0][:, :, None, :], cos_sin_2bpm[1][:, :, None, :]
   out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
   return out.reshape(x_bphd.shape).astype(dtype)
 
@@ -84,7 +96,7 @@ class MoonViTBlock(nn.Module):
   config: FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x_bpd, segment_ids_bp, angles_bpm):
+  def __call__(self, x_bpd, segment_ids_bp, rope_2bpm):
     cfg = self.config
     d, heads = cfg.hidden_size, cfg.num_attention_heads
     hd = d // heads
@@ -94,8 +106,8 @@ class MoonViTBlock(nn.Module):
     # Checkpoint layout: [q | k | v], each heads x head_dim contiguous.
     qkv = qkv.reshape(b, p, 3, heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = nn.with_logical_constraint(apply_rope(q, angles_bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
-    k = nn.with_logical_constraint(apply_rope(k, angles_bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
+    q = nn.with_logical_constraint(apply_rope(q, rope_2bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
+    k = nn.with_logical_constraint(apply_rope(k, rope_2bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
     o = attention(q, k, v, segment_ids_bp, causal=False, backend=cfg.attention_backend,
                   scale=hd ** -0.5, block_size=cfg.attention_block_size)
     o = o.reshape(b, p, d)
@@ -112,11 +124,11 @@ class _ScanBlock(nn.Module):
   config: FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x_bpd, segment_ids_bp, angles_bpm):
+  def __call__(self, x_bpd, segment_ids_bp, rope_2bpm):
     block = MoonViTBlock
     if self.config.remat_policy != 'none':
       block = nn.remat(block, policy=REMAT_POLICIES[self.config.remat_policy], prevent_cse=False)
-    return block(self.config, name='block')(x_bpd, segment_ids_bp, angles_bpm), None
+    return block(self.config, name='block')(x_bpd, segment_ids_bp, rope_2bpm), None
 
 
 class MoonViT(nn.Module):
@@ -152,7 +164,7 @@ class MoonViT(nn.Module):
                                  jnp.maximum(grid_w_bp, 1))
     x = (x.astype(jnp.float32) + pos).astype(_dtype(cfg.dtype))
     x = nn.with_logical_constraint(x, ('batch', 'act_patches', 'act_embed'))
-    angles = rope_angles(rows_bp, cols_bp, d // heads, cfg.rope_theta)
+    rope = rope_cos_sin(rope_angles(rows_bp, cols_bp, d // heads, cfg.rope_theta))
     segment_ids_bp = segment_ids_bp.astype(jnp.int32)
 
     if cfg.scan_layers:
@@ -160,10 +172,10 @@ class MoonViT(nn.Module):
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'},
                       unroll=min(cfg.scan_unroll, cfg.num_hidden_layers))  # see config/presets.py
-      x, _ = stack(cfg, name='blocks')(x, segment_ids_bp, angles)
+      x, _ = stack(cfg, name='blocks')(x, segment_ids_bp, rope)
     else:
       for i in range(cfg.num_hidden_layers):
-        x, _ = _ScanBlock(cfg, name=f'blocks_{i}')(x, segment_ids_bp, angles)
+        x, _ = _ScanBlock(cfg, name=f'blocks_{i}')(x, segment_ids_bp, rope)
 
     x = _layer_norm(cfg, cfg.layer_norm_eps, 'final_layernorm')(x)
     return jnp.where((segment_ids_bp > 0)[..., None], x, jnp.zeros_like(x))

@@ -215,3 +215,21 @@ def test_sharded_over_data_fsdp_tensor_matches_single_device(setup):
   want = MoonViT(vision_cfg).apply({'params': setup['vparams']},
                                    *(jnp.asarray(batch[k]) for k in patch_packing.PATCH_FIELDS))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize('layout', [dict(scan_unroll=2), dict(scan_layers=False)])
+def test_rope_cos_sin_are_computed_once_per_step(layout):
+  """One cos and one sin for the whole tower, forward and backward: not one per block and
+  per q/k tensor, as XLA would otherwise fuse them into every rope consumer (unrolled or
+  unscanned blocks make that visible as 8 cosines in this 2-block tower)."""
+  _, vision_cfg, _ = _configs(**layout)
+  from kimi_vl_jax.models.moonvit import dummy_inputs
+  import flax.linen as nn
+  model = MoonViT(vision_cfg)
+  inputs = dummy_inputs(vision_cfg, batch=1, num_patches=64)
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), *inputs)['params'])
+  # Inputs are arguments (as in training), so nothing about the angles is constant-folded.
+  grad = jax.jit(jax.grad(lambda p, *x: jnp.sum(model.apply({'params': p}, *x) ** 2)))
+  hlo = grad.lower(params, *inputs).compile().as_text()
+  assert vision_cfg.num_hidden_layers >= 2
+  assert hlo.count(' cosine(') == 1 and hlo.count(' sine(') == 1
