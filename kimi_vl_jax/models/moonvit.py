@@ -91,6 +91,27 @@ def apply_rope(x_bphd: jax.Array, cos_sin_2bpm: jax.Array) -> jax.Array:
   return out.reshape(x_bphd.shape).astype(dtype)
 
 
+@jax.custom_vjp
+def _split_qkv(qkv_bp3hd):
+  """[B, P, 3, H, hd] -> (q, k, v), each [B, P, H, hd].
+
+  The custom VJP stacks (dq, dk, dv) into one array; autodiff's transpose of the three
+  slices writes three zero-padded full-size arrays and adds them.
+  """
+  return qkv_bp3hd[:, :, 0], qkv_bp3hd[:, :, 1], qkv_bp3hd[:, :, 2]
+
+
+def _split_qkv_fwd(qkv_bp3hd):
+  return _split_qkv(qkv_bp3hd), None
+
+
+def _split_qkv_bwd(_, grads):
+  return (jnp.stack(grads, axis=2),)
+
+
+_split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
+
+
 class MoonViTBlock(nn.Module):
   """Pre-norm transformer block: x + wo(attn(rope(qkv(norm0 x)))), then x + fc1(gelu(fc0(norm1 x)))."""
   config: FrozenConfigDict
@@ -104,8 +125,7 @@ class MoonViTBlock(nn.Module):
     h = _layer_norm(cfg, cfg.layer_norm_eps, 'norm0')(x_bpd)
     qkv = _dense(3 * d, ('vision_embed', 'vision_heads'), cfg, 'wqkv')(h)
     # Checkpoint layout: [q | k | v], each heads x head_dim contiguous.
-    qkv = qkv.reshape(b, p, 3, heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = _split_qkv(qkv.reshape(b, p, 3, heads, hd))
     q = nn.with_logical_constraint(apply_rope(q, rope_2bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
     k = nn.with_logical_constraint(apply_rope(k, rope_2bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
     o = attention(q, k, v, segment_ids_bp, causal=False, backend=cfg.attention_backend,

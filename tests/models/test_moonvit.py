@@ -233,3 +233,17 @@ def test_rope_cos_sin_are_computed_once_per_step(layout):
   hlo = grad.lower(params, *inputs).compile().as_text()
   assert vision_cfg.num_hidden_layers >= 2
   assert hlo.count(' cosine(') == 1 and hlo.count(' sine(') == 1
+
+
+def test_split_qkv_gradient_is_the_slices_gradient():
+  from kimi_vl_jax.models.moonvit import _split_qkv
+  qkv = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 3, 4, 8))
+  cot = tuple(jax.random.normal(jax.random.PRNGKey(i), (2, 12, 4, 8)) for i in (1, 2, 3))
+  plain = lambda x: (x[:, :, 0], x[:, :, 1], x[:, :, 2])
+  out, vjp = jax.vjp(_split_qkv, qkv)
+  out_ref, vjp_ref = jax.vjp(plain, qkv)
+  chex.assert_trees_all_equal(out, out_ref)
+  chex.assert_trees_all_equal(vjp(cot), vjp_ref(cot))
+  # The backward is one stack, not three zero-padded slices' transposes added up.
+  hlo = jax.jit(lambda x, c: jax.vjp(_split_qkv, x)[1](c)).lower(qkv, cot).as_text()
+  assert 'stablehlo.pad' not in hlo
