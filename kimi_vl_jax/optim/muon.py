@@ -115,12 +115,6 @@ def orthogonalized(n: jax.Array, reduction, output, batch, steps: int = 5,
   return from_matrices(newton_schulz(mats, steps, dtype), n.shape, reduction, output, batch)
 
 
-def orthogonalized_update(n: jax.Array, reduction, output, batch, matrix_shape,
-                          steps: int = 5, dtype=jnp.float32) -> jax.Array:
-  """0.2 sqrt(max(A, B)) * NS(n), per matrix of the stack ``n``; same shape as n."""
-  return orthogonalized(n, reduction, output, batch, steps, dtype) * rms_scale(matrix_shape)
-
-
 def adam_direction(grad, mu_m, nu_m, count_inc, b1: float, b2: float, eps: float):
   """AdamW's direction m_hat / (sqrt(v_hat) + eps) (optax.scale_by_adam, eps_root=0).
 
