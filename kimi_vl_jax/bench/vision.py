@@ -20,7 +20,6 @@ rounds so machine noise hits them equally. The last printed line is a JSON objec
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import time
@@ -87,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--attention_block_size', type=int, default=0,
                       help="JAX attention tile (0: the preset's vision.attention_block_size)")
   parser.add_argument('--max_patches', type=int, default=0,
-                      help='patch slots per buffer (0: the balanced share rounded up to 64)')
+                      help='patch slots per data-parallel buffer (0: the balanced share rounded '
+                           'up to 64); the one-device buffer always holds all images')
   return parser
 
 
@@ -97,7 +97,7 @@ def _pack(images, num_examples: int, max_patches: int):
   if max_patches:
     groups = patch_packing.assign_first_fit(sizes, max_patches)
     if len(groups) > num_examples:
-      raise SystemExit(f'--max_patches={max_patches}: the images need {len(groups)} buffers, '
+      raise ValueError(f'--max_patches={max_patches}: the images need {len(groups)} buffers, '
                        f'more than the {num_examples} devices')
     groups += [[] for _ in range(num_examples - len(groups))]
   else:
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
   configs = {'dp': n_dev} if n_dev == 1 else {'dp': n_dev, 'one_device': 1}
   batches, slots, efficiency = {}, {}, {}
   for name, n in configs.items():
-    batch, slots[name] = _pack(images, n, args.max_patches)
+    batch, slots[name] = _pack(images, n, args.max_patches if name == 'dp' else 0)
     efficiency[name] = patch_packing.packing_efficiency(batch['segment_ids'])
     print(f'{name}: packed {total} patches into {n} x {slots[name]} slots: efficiency '
           f'{efficiency[name]:.4f}')
@@ -139,12 +139,14 @@ def main(argv=None) -> dict:
   state = {k: v.detach().numpy() for k, v in tower.state_dict().items()}
   params_host = hf_vision.vision_from_hf(state, vcfg, prefix='')
   model = MoonViT(vcfg)
-  n_real = total
 
   def loss_fn(p, b):
     feats = model.apply({'params': p}, b['patches'], b['segment_ids'], b['rows'], b['cols'],
                         b['grid_h'], b['grid_w'])
-    return jnp.sum(jnp.square(feats)) / (n_real * vcfg.hidden_size)
+    return jnp.sum(jnp.square(feats)) / (total * vcfg.hidden_size)
+
+  def timed_call(step, params, batch):
+    return lambda: jax.block_until_ready(step(params, batch))
 
   runs, losses = {}, {}
   for name, (mesh, batch) in batches.items():
@@ -154,8 +156,7 @@ def main(argv=None) -> dict:
     loss, grads = step(params, batch)
     jax.block_until_ready(grads)
     losses[name] = float(loss)
-    runs[name] = functools.partial(lambda s, p, b: jax.block_until_ready(s(p, b)),
-                                   step, params, batch)
+    runs[name] = timed_call(step, params, batch)
 
   pixels = torch.from_numpy(np.concatenate([im.patches for im in images])).reshape(-1, 3, 14, 14)
   grid_thw = torch.tensor([[1, *im.grid_hw] for im in images])

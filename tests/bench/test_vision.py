@@ -17,3 +17,11 @@ def test_bench_runs_data_parallel_and_one_device(capsys):
   for key in ('speedup_vs_torch', 'jax_one_device_speedup_vs_torch', 'jax_images_per_s'):
     assert out[key] > 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+
+
+def test_pack_honours_max_patches_and_names_the_flag_when_it_cannot():
+  images = vision._images(0)
+  batch, slots = vision._pack(images, 2, 2304)
+  assert slots == 2304 and batch['segment_ids'].shape == (2, 2304)
+  with pytest.raises(ValueError, match='--max_patches=1024: the images need'):
+    vision._pack(images, 2, 1024)
