@@ -99,10 +99,11 @@ def test_capacity_factor_threshold_for_no_drops():
 
 
 def test_group_ladders_end_in_a_bound_that_always_fits():
-  # 64 experts -> a hot group (the 8 busiest) and a cold group whose busiest is the 9th.
-  assert md.group_starts(64) == (0, 8, 64) and md.group_starts(8) == (0, 8)
+  # 64 experts -> a hot group (the 8 busiest) and cold groups whose busiest are the 9th and 33rd.
+  assert md.group_starts(64) == (0, 8, 32, 64) and md.group_starts(16) == (0, 2, 16)
+  assert md.group_starts(8) == (0, 8)
   ladders = md.group_capacities(2048, 2048 * 6, 64, 192.0)
-  assert [caps[-1] for caps in ladders] == [2048, 2048 * 6 // 9]
+  assert [caps[-1] for caps in ladders] == [2048, 2048 * 6 // 9, 2048 * 6 // 33]
   assert all(list(caps) == sorted(set(caps)) for caps in ladders)
   assert min(ladders[0]) == 192 and 144 in ladders[1]
 
@@ -110,7 +111,7 @@ def test_group_ladders_end_in_a_bound_that_always_fits():
 @pytest.mark.parametrize('num_experts,expected_load', [(E, None), (E, 2.0), (32, None)])
 def test_dropless_any_routing_all_tokens_to_three_experts(num_experts, expected_load):
   # The busiest experts get every token: past every ladder rung but the closing bound.
-  # 32 experts -> hot and cold groups; the three hot experts land in the hot group.
+  # 32 experts -> a hot group and two cold ones; the three busy experts land in the hot group.
   x_td, _, w_tk, _ = _problem()
   ks = jax.random.split(jax.random.PRNGKey(5), 3)
   weights = (jax.random.normal(ks[0], (num_experts, D, F)) * 0.3,
@@ -128,7 +129,7 @@ def test_dropless_any_routing_all_tokens_to_three_experts(num_experts, expected_
 
 
 def test_dropless_grouped_matches_dense_on_skewed_routing():
-  # 32 experts (hot group of 4 + cold group) with a skewed router: groups differ in capacity.
+  # 32 experts (hot group of 4 + two cold groups) with a skewed router: groups differ in capacity.
   e = 32
   ks = jax.random.split(jax.random.PRNGKey(7), 6)
   x_td = jax.random.normal(ks[0], (T, D))
