@@ -47,9 +47,11 @@ def group_starts(num_experts: int) -> tuple[int, ...]:
   """Sorted positions where expert groups start, plus E.
 
   (0, E/8, E/2, E) for E >= 32, (0, E/8, E) for E >= 16, else (0, E). A group costs a switch
-  (compile time) and smaller matmuls; the split at E / 2 pays for that with many experts: the
-  bench LM's train step (64 experts, routers at init, loads up to 3x the mean) measured
-  641-661 ms vs 674-692 ms with two groups.
+  (~2-3 s more compile per program on CPU) and smaller matmuls, and saves padding when loads
+  are skewed. Measured train steps, routers at init: 64 experts (``bench`` preset, loads up to
+  3x the mean) 641-661 ms vs 674-692 ms with two groups; 16 experts (``small``) only 447-454
+  vs 453-461 ms, which the short runs that use it (the demo, tests) do not win back in compile
+  time, so 16 experts keep two groups.
   """
   e = num_experts
   if e >= 32:
