@@ -24,3 +24,12 @@ def test_train_flops_counts_attention():
   attn = bench_lm.train_flops(cfg, 4, 512) - base
   # 3 (fwd + bwd) * 2 * B * H * S^2 * (d_qk + d_v) / 2 (causal) per layer.
   assert attn == 3 * 2 * 4 * 8 * 512 ** 2 * (48 + 32) / 2 * 4
+
+
+def test_alternating_times_interleave_the_callables():
+  calls = []
+  fns = [lambda: calls.append('a'), lambda: calls.append('b')]
+  times = bench_lm._alternating_times(fns, rounds=3, warmup=1)
+  assert calls == ['a', 'b'] * 4                       # 1 warm-up round, then 3 timed rounds
+  assert [len(t) for t in times] == [3, 3] and all(x >= 0 for t in times for x in t)
+  assert len(bench_lm._alternating_medians(fns, rounds=2, warmup=0)) == 2
