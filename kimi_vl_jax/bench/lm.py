@@ -11,7 +11,8 @@ attention memory.
    jitted matmul). Model FLOPs = 6 * N_active * tokens (N_active: active matmul parameters, i.e.
    attention, dense MLP, shared experts, top-k routed experts, router, lm_head; not the embedding
    lookup) + attention score/value FLOPs 3 * 2 * B * H * S^2 * (d_qk + d_v) / 2 (causal half).
-3. One MoE layer (fwd+bwd) with 64 vs 8 routed experts at the same top-k and expert width.
+3. One MoE layer (fwd+bwd) with 64 vs 8 routed experts at the same top-k and expert width:
+   the ratio of the medians, and each alternating round's ratio (this host's noise).
 4. Compiled peak memory (arguments + outputs + temporaries, from ``memory_analysis``) of the xla
    attention backend's forward+backward at S = 16384 vs 8192.
 

@@ -101,7 +101,7 @@ def test_capacity_factor_threshold_for_no_drops():
 def test_group_ladders_end_in_a_bound_that_always_fits():
   # 64 experts -> a hot group (the 8 busiest) and cold groups whose busiest are the 9th and 33rd.
   assert md.group_starts(64) == (0, 8, 32, 64) and md.group_starts(16) == (0, 2, 16)
-  assert md.group_starts(8) == (0, 8)
+  assert md.group_starts(32) == (0, 4, 16, 32) and md.group_starts(8) == (0, 8)
   ladders = md.group_capacities(2048, 2048 * 6, 64, 192.0)
   assert [caps[-1] for caps in ladders] == [2048, 2048 * 6 // 9, 2048 * 6 // 33]
   assert all(list(caps) == sorted(set(caps)) for caps in ladders)
