@@ -181,7 +181,9 @@ def build_optimizer(optim_cfg, params, mesh: Optional[Mesh] = None,
       n_el[t] += int(np.prod(p.route.shape))
       step = d + wd * w.astype(jnp.float32) if wd else d
       out_u.append((-lr * step).astype(g.dtype))
-    rms = {k: jnp.sqrt(sq[k] / max(n_el[k], 1)) for k in GROUPS}
+    # Element counts as floats: at release scale they pass 2^31, and a Python int that large
+    # cannot enter a traced int32 division (OverflowError at trace time).
+    rms = {k: jnp.sqrt(sq[k] / float(max(n_el[k], 1))) for k in GROUPS}
     new_state = MuonAdamWState(count_inc, treedef.unflatten(out_mu), treedef.unflatten(out_nu), rms)
     return treedef.unflatten(out_u), new_state
 

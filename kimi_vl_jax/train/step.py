@@ -165,7 +165,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
     metrics = {
         'loss': loss,
         'grad_norm': grad_norm,
-        'update_rms': jnp.sqrt(sq / max(n_upd, 1)),
+        'update_rms': jnp.sqrt(sq / float(max(n_upd, 1))),   # float: counts pass 2^31
         'skipped': (~finite).astype(jnp.int32),
         'nonfinite_run': new_state.nonfinite_run,
         'target_tokens': sums['denom'],

@@ -26,8 +26,8 @@ class _TinyLM(nn.Module):
                     name='lm_head')(x)
 
 
-def _task(poison=False):
-  model = _TinyLM()
+def _task(poison=False, vocab=32, width=16):
+  model = _TinyLM(vocab, width)
 
   def init(rng):
     return model.init(rng, jnp.zeros((1, 8), jnp.int32))

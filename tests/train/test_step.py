@@ -111,3 +111,31 @@ def test_hparams_step_equals_compiled_in_numbers_and_shares_one_program(toy):
     assert out[1][1][0] == 0.0 and out[1][1][1] == pytest.approx(lr, rel=1e-6)
   assert programs[0][1] == programs[1][1]      # one program for both stages
   assert programs[0][0] != programs[1][0]      # numbers compiled in: two programs
+
+
+def test_step_traces_with_more_than_2_31_elements_per_group(toy):
+  # Release-scale models have more than 2^31 elements per optimizer group (A3B: ~15.7B under
+  # Muon). The update-RMS divisions once took those counts as Python ints, which overflow
+  # int32 when traced (OverflowError before any device work). Shapes only: nothing is
+  # allocated.
+  from kimi_vl_jax.config import base_config
+  from kimi_vl_jax.optim import build_optimizer
+  task = toy.task(vocab=2 ** 16, width=2 ** 15 + 8)   # embed and lm_head: 2^31 + 2^19 each
+  abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+  tx = build_optimizer(base_config('tiny').optim, abstract['params'], total_steps=10)
+  counts = {}
+  for p in jax.tree.leaves(tx.plan, is_leaf=lambda x: hasattr(x, 'route')):
+    counts[p.route.treatment] = counts.get(p.route.treatment, 0) + int(np.prod(p.route.shape))
+  assert max(counts.values()) > 2 ** 31, counts
+  cfg = step_lib.StepConfig(microbatches=1, grad_clip_norm=1.0)
+  step = step_lib.make_train_step(task, tx, cfg)
+
+  def make():
+    from kimi_vl_jax.train import state as state_lib
+    params, extra = state_lib.split_variables(nn.unbox(task.init(jax.random.PRNGKey(0))))
+    return state_lib.create_state(params, extra, tx, jax.random.PRNGKey(1))
+
+  state = jax.eval_shape(make)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), toy.batch(0, b=2, s=4))
+  _, metrics = jax.eval_shape(step, state, batch)
+  assert metrics['update_rms'].shape == () and metrics['update_rms'].dtype == np.float32
