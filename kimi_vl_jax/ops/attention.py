@@ -19,7 +19,9 @@ Backends (same inputs, same outputs):
   qk head dim because cuDNN needs equal head dims.
 - ``splash``: Pallas splash attention (TPU) with ``SegmentIds``; its causal mask is by
   index, which equals causality by position when each segment is a contiguous run with
-  increasing positions (the packer's layout).
+  increasing positions (the packer's layout). Sequences are padded to its 128-lane blocks.
+  Attention of queries to other keys (prefill against a KV cache: different segment-id or
+  position arrays) runs on ``xla`` instead, whose mask is by position.
 - ``auto``: ``splash`` on TPU, ``cudnn`` on GPU for 16-bit inputs, else ``xla``.
 """
 from __future__ import annotations
@@ -31,7 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import PartitionSpec as P
+
+from kimi_vl_jax.parallel.rules import BATCH_AXES
 from kimi_vl_jax.parallel.vma import vary_like
+
+TENSOR_AXIS = 'tensor'
 
 BACKENDS = ('auto', 'xla', 'naive', 'cudnn', 'splash')
 
@@ -275,15 +282,42 @@ def _cudnn(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale):
   return o[..., :dv]
 
 
+SPLASH_LANES = 128   # TPU vector lanes: splash's sequence blocks must be multiples of this
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def splash_blocks(seq: int, block_size: int) -> tuple[int, int]:
+  """(block, padded length) of one splash sequence axis of length ``seq``.
+
+  The kernel needs blocks that are multiples of 128 lanes and divide the sequence, so short
+  or ragged axes (a model's init example, an image of a few hundred patches) are padded up:
+  the block is ``block_size`` capped at the lane-rounded length, the length a multiple of it.
+  """
+  if block_size % SPLASH_LANES:
+    raise ValueError(f'splash attention: block_size {block_size} is not a multiple of '
+                     f'{SPLASH_LANES} (TPU lanes); set attention_block_size accordingly')
+  block = min(block_size, _round_up(seq, SPLASH_LANES))
+  return block, _round_up(seq, block)
+
+
 def _splash(q, k, v, seg_q, seg_kv, causal, scale, block_size, interpret=False):
   from jax.experimental.pallas.ops.tpu import splash_attention as sa
   _, sq, h, _ = q.shape
   skv = k.shape[1]
   if causal and sq != skv:
     raise ValueError('splash attention: causal needs equal query and key lengths')
+  bq, sq_pad = splash_blocks(sq, block_size)
+  bk, skv_pad = splash_blocks(skv, block_size)
+  # Padding rows get segment 0: real queries never see padded keys (different segment), and
+  # padded queries are sliced off below. Padding at the end keeps causality by index.
+  pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  q, seg_q = pad(q, sq_pad), pad(seg_q, sq_pad)
+  k, v, seg_kv = pad(k, skv_pad), pad(v, skv_pad), pad(seg_kv, skv_pad)
   mask_cls = sa.CausalMask if causal else sa.FullMask
-  mask = sa.MultiHeadMask([mask_cls((sq, skv)) for _ in range(h)])
-  bq, bk = min(block_size, sq), min(block_size, skv)
+  mask = sa.MultiHeadMask([mask_cls((sq_pad, skv_pad)) for _ in range(h)])
   sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq,
                         block_kv_dkv=bk, block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
   kernel = sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
@@ -295,7 +329,39 @@ def _splash(q, k, v, seg_q, seg_kv, causal, scale, block_size, interpret=False):
   # below, and a padding query keeps a non-empty row (itself), so no 0/0 inside the kernel.
   o_bhsd = jax.vmap(lambda q1, k1, v1, s1, s2: kernel(q1, k1, v1, sa.SegmentIds(s1, s2)))(
       q_hsd, k_hsd, v_hsd, seg_q, seg_kv)
-  return jnp.swapaxes(o_bhsd, 1, 2)
+  return jnp.swapaxes(o_bhsd, 1, 2)[:, :sq]
+
+
+def _splash_sharded(q, k, v, seg_q, seg_kv, causal, scale, block_size, interpret=False):
+  """``_splash`` per device under the ambient mesh (``jax.set_mesh``).
+
+  XLA cannot partition a Mosaic kernel, so on a multi-device mesh the kernel runs inside
+  ``shard_map``: the batch split over the mesh's batch axes that divide it, heads over
+  'tensor' when it divides them. Axes already manual (an enclosing ``shard_map``) are left
+  alone. Without a mesh (or on one device) the kernel is called directly.
+  """
+  run = functools.partial(_splash, causal=causal, scale=scale, block_size=block_size,
+                          interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return run(q, k, v, seg_q, seg_kv)
+  free = {n: int(mesh.shape[n]) for n in mesh.axis_names if n not in mesh.manual_axes}
+  batch_axes, split = [], 1
+  for ax in BATCH_AXES:
+    if free.get(ax, 1) > 1 and q.shape[0] % (split * free[ax]) == 0:
+      batch_axes.append(ax)
+      split *= free[ax]
+  head_axis = TENSOR_AXIS if free.get(TENSOR_AXIS, 1) > 1 and \
+      q.shape[2] % free[TENSOR_AXIS] == 0 else None
+  if not batch_axes and head_axis is None:
+    return run(q, k, v, seg_q, seg_kv)
+  b = tuple(batch_axes) or None
+  x_spec, seg_spec = P(b, None, head_axis, None), P(b, None)
+  # Every free axis manual (those not in the specs replicate): Mosaic refuses any axis left
+  # to the partitioner, even one of size 1.
+  return jax.shard_map(run, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, seg_spec, seg_spec),
+                       out_specs=x_spec, axis_names=set(free), check_vma=False)(
+                           q, k, v, seg_q, seg_kv)
 
 
 # ------------------------------------------------------------------------------- entry
@@ -343,6 +409,10 @@ def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
     raise ValueError(f'attention: incompatible q {q_bshd.shape}, k {k_bshd.shape}, v {v_bshd.shape}')
   b, sq = q_bshd.shape[:2]
   skv = k_bshd.shape[1]
+  # Self-attention over one packed row: keys are the queries' own tokens (same ids, same
+  # positions). Splash's causal mask is by index, which is causality only in that case.
+  self_attention = (segment_ids_kv_bs is None or segment_ids_kv_bs is segment_ids_q_bs) and (
+      positions_kv_bs is positions_q_bs)
   if segment_ids_kv_bs is None:
     if sq != skv:
       raise ValueError('attention: segment_ids_kv_bs is required when Sq != Skv')
@@ -361,6 +431,10 @@ def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
   pos_kv = positions_kv_bs.astype(jnp.int32)
 
   name = resolve_backend(backend, q_bshd.dtype)
+  if name == 'splash' and not self_attention:
+    # Queries against other keys (prefill into a KV cache): the xla backend's mask is by
+    # position, which splash's is not.
+    name = 'xla'
   if name == 'naive':
     return _naive(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale)
   if name == 'xla':
@@ -368,6 +442,6 @@ def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
   if name == 'cudnn':
     o = _cudnn(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale)
   else:
-    o = _splash(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, causal, scale, block_size)
+    o = _splash_sharded(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, causal, scale, block_size)
   # Fused kernels give padding rows a softmax over something; the contract says zeros.
   return jnp.where((seg_q != 0)[:, :, None, None], o, jnp.zeros_like(o))
