@@ -35,6 +35,7 @@ import numpy as np
 
 from jax.sharding import PartitionSpec as P
 
+from kimi_vl_jax.parallel.mesh import target_platform
 from kimi_vl_jax.parallel.rules import BATCH_AXES
 from kimi_vl_jax.parallel.vma import vary_like
 
@@ -373,7 +374,7 @@ def resolve_backend(backend: str, dtype=jnp.float32) -> str:
     raise ValueError(f'attention backend {backend!r} not in {BACKENDS}')
   if backend != 'auto':
     return backend
-  platform = jax.default_backend()
+  platform = target_platform()   # the ambient mesh's devices (AOT for TPU from a CPU host)
   if platform == 'tpu':
     return 'splash'
   if platform in ('gpu', 'cuda') and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):

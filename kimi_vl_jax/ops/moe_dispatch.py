@@ -32,16 +32,18 @@ from kimi_vl_jax.ops.moe_capacity import (  # noqa: F401  (re-exported)
     capacity_expert_outputs, group_capacities, group_starts)
 from kimi_vl_jax.ops.moe_layout import (  # noqa: F401  (re-exported)
     Plan, capacity_per_expert, gather_rows, plan_capacity, plan_ragged)
+from kimi_vl_jax.parallel.mesh import target_platform
 
 BACKENDS = ('auto', 'ragged', 'capacity', 'dense')
 
 
 def resolve_backend(backend: str) -> str:
-  """'auto' -> 'capacity' on CPU, 'ragged' on accelerators; other names pass through."""
+  """'auto' -> 'capacity' on CPU, 'ragged' on accelerators (the platform of the ambient mesh
+  when there is one, ``parallel.mesh.target_platform``); other names pass through."""
   if backend not in BACKENDS:
     raise ValueError(f'moe_backend must be one of {", ".join(BACKENDS)}; got {backend!r}')
   if backend == 'auto':
-    return 'capacity' if jax.default_backend() == 'cpu' else 'ragged'
+    return 'capacity' if target_platform() == 'cpu' else 'ragged'
   return backend
 
 

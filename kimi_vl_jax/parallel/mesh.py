@@ -36,3 +36,16 @@ def _process_major(devices, shape):
 
 def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
+
+
+def target_platform() -> str:
+  """The platform the code being traced will run on: the ambient mesh's (``jax.set_mesh``),
+  else the default backend's. They differ when a program is compiled ahead of time for other
+  devices (a TPU topology from a CPU host), and per-platform choices (attention and MoE
+  backends) must follow the devices that run the program."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    device = getattr(mesh, 'abstract_device', None)
+    if device is not None and getattr(device, 'platform', None):
+      return device.platform
+  return jax.default_backend()

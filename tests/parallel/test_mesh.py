@@ -67,3 +67,22 @@ def test_process_major_order_keeps_hosts_contiguous():
   assert [d.process_index for d in grid[0].flat] == [0] * 4
   assert [d.process_index for d in grid[1].flat] == [1] * 4
   assert np.all(np.diff([d.id for d in grid[0].flat]) > 0)
+
+
+def test_target_platform_follows_the_ambient_mesh():
+  # Compiling ahead of time for TPU devices from a CPU host: per-platform choices must follow
+  # the mesh's devices, not the host's default backend.
+  from jax._src import mesh as mesh_internal   # AbstractDevice: a device kind without devices
+  from jax.sharding import AbstractMesh, AxisType
+  from kimi_vl_jax.ops import attention, moe_dispatch
+  from kimi_vl_jax.parallel.mesh import target_platform
+  assert target_platform() == jax.default_backend()
+  tpu = AbstractMesh((2,), ('data',), axis_types=(AxisType.Auto,),
+                     abstract_device=mesh_internal.AbstractDevice('TPU v5', None, 'tpu'))
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert target_platform() == 'tpu'
+    assert attention.resolve_backend('auto') == 'splash'
+    assert moe_dispatch.resolve_backend('auto') == 'ragged'
+  if jax.default_backend() == 'cpu':
+    assert attention.resolve_backend('auto') == 'xla'
+    assert moe_dispatch.resolve_backend('auto') == 'capacity'
