@@ -295,12 +295,11 @@ def splash_blocks(seq: int, block_size: int) -> tuple[int, int]:
 
   The kernel needs blocks that are multiples of 128 lanes and divide the sequence, so short
   or ragged axes (a model's init example, an image of a few hundred patches) are padded up:
-  the block is ``block_size`` capped at the lane-rounded length, the length a multiple of it.
+  the block is ``block_size`` rounded up to lanes (a config tuned for the xla backend on CPU,
+  e.g. 64, runs unchanged on TPU) and capped at the lane-rounded length; the length a multiple
+  of the block.
   """
-  if block_size % SPLASH_LANES:
-    raise ValueError(f'splash attention: block_size {block_size} is not a multiple of '
-                     f'{SPLASH_LANES} (TPU lanes); set attention_block_size accordingly')
-  block = min(block_size, _round_up(seq, SPLASH_LANES))
+  block = min(_round_up(block_size, SPLASH_LANES), _round_up(seq, SPLASH_LANES))
   return block, _round_up(seq, block)
 
 

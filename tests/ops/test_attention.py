@@ -159,8 +159,7 @@ def test_splash_blocks_pad_to_lanes():
   assert splash_blocks(100, 128) == (128, 128)
   assert splash_blocks(640, 512) == (512, 1024)
   assert splash_blocks(8192, 512) == (512, 8192)
-  with pytest.raises(ValueError, match='multiple of 128'):
-    splash_blocks(256, 96)
+  assert splash_blocks(256, 64) == (128, 256)        # a CPU-tuned block size rounds up
 
 
 @pytest.mark.parametrize('causal', [True, False])
