@@ -113,6 +113,7 @@ def stage_block(**overrides) -> ml_collections.ConfigDict:
       steps=0,                   # budget in optimizer steps (0: derive from tokens)
       tokens=0,                  # budget in (padded) tokens = steps * global_batch * seq_len
       global_batch=0,            # 0 = train.global_batch
+      microbatches=0,            # gradient accumulation in this stage (0 = train.microbatches)
       seq_len_scale=1,           # rows of train.seq_len * scale tokens (long context: 4, 16)
       max_patches_per_row=0,     # patch slots per row in this stage (0 = data.max_patches_per_row)
       lr=0.0,                    # peak lr (0 = optim.lr)

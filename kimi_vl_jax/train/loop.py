@@ -255,7 +255,7 @@ def prepare_stage(config, stage: stages_lib.Stage, mesh, source_factory=None) ->
   sh = state_lib.state_shardings(abstract, opt, mesh)
   params_abs = nn.unbox(abstract)['params']
   mask = stages_lib.trainable_mask(params_abs, stage.trainable) if stage.trainable else None
-  step_cfg = step_lib.StepConfig(microbatches=t.microbatches, grad_clip_norm=t.grad_clip_norm,
+  step_cfg = step_lib.StepConfig(microbatches=stage.microbatches, grad_clip_norm=t.grad_clip_norm,
                                  router_bias_rate=stage.router_bias_rate,
                                  param_cast_dtype=t.param_cast_dtype)
   step_fn = step_lib.make_train_step(task, opt, step_cfg, mask, getattr(opt, 'schedule', None))

@@ -35,6 +35,7 @@ class Stage:
   task: str
   steps: int
   global_batch: int
+  microbatches: int          # gradient accumulation steps of one train step
   seq_len: int
   patches_per_row: int       # patch slots per packed row (images of a row share them)
   model: Any                 # model config with this stage's changes
@@ -98,7 +99,8 @@ def resolve(config, name: str) -> Stage:
     optim.schedule = b.schedule
   rate = b.router_bias_rate if b.router_bias_rate >= 0 else config.model.lm.router_bias_update_rate
   return Stage(name=name, index=STAGE_NAMES.index(name), block=b, task=b.task, steps=int(steps),
-               global_batch=int(batch), seq_len=int(seq),
+               global_batch=int(batch), microbatches=int(b.microbatches or t.microbatches),
+               seq_len=int(seq),
                patches_per_row=int(b.max_patches_per_row or config.data.max_patches_per_row),
                model=model, optim=optim,
                trainable=tuple(b.trainable), router_bias_rate=float(rate))
@@ -140,6 +142,22 @@ def transfer_params(src, dst):
   return jax.tree_util.tree_map_with_path(pick, dst), copied
 
 
+def _check_microbatches(config, name: str):
+  """A stage's batch splits into its microbatches, and each microbatch over the data-parallel
+  devices when the mesh fixes their number (as train.global_batch is checked in validate)."""
+  b, t = config.stages[name], config.train
+  batch = b.global_batch or t.global_batch
+  micro = b.microbatches or t.microbatches
+  field = f'config.stages.{name}.' + ('microbatches' if b.microbatches else 'global_batch')
+  if batch % micro:
+    raise ConfigError(f'{field}: {micro} microbatches do not divide the stage batch {batch}')
+  sizes = [config.mesh[a] for a in ('data', 'fsdp', 'expert')]
+  if all(isinstance(n, int) and n > 0 for n in sizes) and (batch // micro) % math.prod(sizes):
+    raise ConfigError(f'{field}: the stage batch {batch} in {micro} microbatches leaves '
+                      f'{batch // micro} rows per microbatch, not divisible by the data-parallel '
+                      f'size {math.prod(sizes)} (data*fsdp*expert)')
+
+
 @register_check
 def _check_stages(config):
   for name in STAGE_NAMES:
@@ -149,9 +167,11 @@ def _check_stages(config):
       continue
     if b.task not in TASKS:
       raise ConfigError(f'{key}.task: must be one of {", ".join(TASKS)}; got {b.task!r}')
-    for k in ('steps', 'tokens', 'global_batch', 'eval_every', 'max_patches_per_row'):
+    for k in ('steps', 'tokens', 'global_batch', 'microbatches', 'eval_every',
+              'max_patches_per_row'):
       if not isinstance(b[k], int) or b[k] < 0:
         raise ConfigError(f'{key}.{k}: must be an integer >= 0, got {b[k]!r}')
+    _check_microbatches(config, name)
     if b.steps == 0 and b.tokens == 0:
       raise ConfigError(f'{key}: set a budget (steps or tokens > 0) or enabled=False')
     if b.max_patches_per_row % 4:

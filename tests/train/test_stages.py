@@ -230,3 +230,26 @@ def test_vit_pretrain_caption_text_answer_only():
   c.stages.vit_pretrain.caption_text = 'question'
   with pytest.raises(ConfigError, match=r'vit_pretrain.caption_text'):
     validate(c)
+
+
+def test_stage_microbatches_override_and_are_checked():
+  """``stages.<name>.microbatches`` (0 = train.microbatches) sets a stage's accumulation; a
+  split that leaves microbatches the data-parallel devices cannot share is a config error
+  naming the field (before: a sharding error deep inside the first step)."""
+  c = _config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, 2, 2, 1
+  c.train.microbatches = 2
+  c.stages.sft_1.microbatches = 1
+  validate(c)
+  assert stages_lib.resolve(c, 'joint_pretrain').microbatches == 2
+  assert stages_lib.resolve(c, 'sft_1').microbatches == 1
+  c.stages.sft_1.microbatches = 4              # 8 rows / 4 = 2 per microbatch, over 4 devices
+  with pytest.raises(ConfigError, match=r'stages\.sft_1\.microbatches: .* data-parallel size 4'):
+    validate(c)
+  c.stages.sft_1.microbatches = 3
+  with pytest.raises(ConfigError, match=r'stages\.sft_1\.microbatches: 3 microbatches do not divide'):
+    validate(c)
+  c.stages.sft_1.microbatches = 0
+  c.stages.sft_1.global_batch = 4              # inherits 2 microbatches: 2 rows over 4 devices
+  with pytest.raises(ConfigError, match=r'stages\.sft_1\.global_batch: .* data-parallel size 4'):
+    validate(c)
