@@ -29,6 +29,27 @@ B = 10 ** 9
 ARGS = tuple(_MESHES)
 
 
+def _one_row_per_device(c):
+  """Gradient accumulation so that each microbatch holds one row per data-parallel chip.
+
+  ``--mode=aot`` on a v5p-64 slice (joint pretraining, 8K rows): one row per chip needs
+  57.7 GiB of the 95.7 GiB HBM; two rows (16 microbatches) 97.6 GiB. A stage with fewer rows
+  than chips gets one row per chip (sft_2 and long_context_2 on v5p-256: 128 rows of 128K,
+  not the report's 64). Rows of 32K and 128K tokens hold 4x and 16x an 8K row's activations
+  per chip; without context parallelism they exceed HBM (``--mode=aot`` says by how much).
+  """
+  dp = c.mesh.data * c.mesh.fsdp * c.mesh.expert
+  c.train.microbatches = max(c.train.global_batch // dp, 1)
+  for name in c.stages:
+    s = c.stages[name]
+    if name == 'vit_pretrain':
+      continue                  # single-image rows: 32768 pairs in train.microbatches steps
+    rows = s.global_batch or c.train.global_batch
+    if rows < dp:
+      s.global_batch = rows = dp
+    s.microbatches = rows // dp
+
+
 def get_config(arg=None):
   if arg is not None and arg not in _MESHES:
     raise ValueError(f'unknown pod mesh {arg!r}; choose one of {", ".join(_MESHES)}')
@@ -46,6 +67,10 @@ def get_config(arg=None):
   c.train.seq_len = 8192
   c.train.steps = 500_000
   c.train.loss_vocab_chunk = 16384          # never materialize [B, S, 163840] fp32 logits
+  # Expert-parallel all-to-all buffers sized for twice the mean load per destination (drops
+  # past it are counted, metric 'moe_dropped'); dropless sizing (0) reserves every token's
+  # k assignments at every destination: 39 GiB a chip of saved buffers on v5p-64.
+  c.model.lm.moe_capacity_factor = 2.0
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.image_max_side = 896
@@ -92,6 +117,7 @@ def get_config(arg=None):
   s.long_cot_sft.seq_len_scale = 4
   s.long_cot_sft.global_batch = 256
   s.long_cot_sft.mixture = 'math=1'
+  _one_row_per_device(c)
   for name in ('cooldown', 'sft_1', 'sft_2', 'long_cot_sft'):
     s[name].eval = ('vqa', 'counting', 'ocr', 'caption_ppl')
   for name in ('long_context_1', 'long_context_2'):
