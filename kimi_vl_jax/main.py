@@ -3,6 +3,9 @@
 Dotted overrides follow the config flag: ``--config.train.steps=10``. Modes:
 - ``describe``: abstract build, parameter counts and shardings (no allocation).
 - ``train``: the experiment's curriculum (the default once the trainer exists).
+- ``aot``: compile each stage's train step for a TPU topology (``--topology=v5p:4x4x2``) on
+  this host and report per-chip memory, or that it does not fit (``train/aot.py``; needs
+  libtpu: ``pip install -e '.[aot]'``).
 """
 from __future__ import annotations
 
@@ -16,9 +19,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file (experiments/x.py[:arg]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and reports.')
-_MODE = flags.DEFINE_enum('mode', 'describe', ['describe', 'train'], 'What to run.')
-_STAGES = flags.DEFINE_list('stages', None, 'Train only these stages (config.stages.<name>), in '
-                            'curriculum order; default: every enabled stage.')
+_MODE = flags.DEFINE_enum('mode', 'describe', ['describe', 'train', 'aot'], 'What to run.')
+_STAGES = flags.DEFINE_list('stages', None, 'Train (or compile) only these stages '
+                            '(config.stages.<name>), in curriculum order; default: every enabled '
+                            'stage.')
+_TOPOLOGY = flags.DEFINE_string('topology', None, '--mode=aot: the TPU topology to compile for, '
+                                'e.g. v5p:4x4x2 (32 chips).')
+_CHIPS_PER_HOST = flags.DEFINE_string('chips_per_host', '2x2x1', '--mode=aot: chips per host.')
 
 
 def run(argv) -> int:
@@ -42,11 +49,22 @@ def run(argv) -> int:
     print(f'error: --config={config_flags.get_config_filename(flags.FLAGS["config"])}: '
           f'cannot load the experiment file: {reason}', file=sys.stderr)
     return 2
+  import jax
+  num_devices = jax.device_count() if _MODE.value == 'train' else None
+  if _MODE.value == 'aot':
+    if not _TOPOLOGY.value:
+      raise app.UsageError('--mode=aot needs --topology, e.g. --topology=v5p:4x4x2')
+    from kimi_vl_jax.train import aot
+    try:
+      devices = aot.topology_devices(_TOPOLOGY.value, _CHIPS_PER_HOST.value)
+    except (RuntimeError, ValueError) as e:
+      print(f'error: --topology={_TOPOLOGY.value}: {e}', file=sys.stderr)
+      return 2
+    num_devices = len(devices)
   try:
-    # Training checks the mesh and batch against the devices present; describe may
+    # Training (and aot) check the mesh and batch against the devices; describe may
     # describe a pod mesh from a laptop, so it checks only what the config itself fixes.
-    import jax
-    validate(config, num_devices=jax.device_count() if _MODE.value == 'train' else None)
+    validate(config, num_devices=num_devices)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -59,6 +77,13 @@ def run(argv) -> int:
     # Every process builds the same description; one copy in the logs is enough.
     describe(config, print_fn=print if jax.process_index() == 0 else lambda *_: None)
     return 0
+  if _MODE.value == 'aot':
+    results = aot.compile_stages(config, _TOPOLOGY.value, _STAGES.value, _CHIPS_PER_HOST.value)
+    if _WORKDIR.value:
+      import json
+      with open(os.path.join(_WORKDIR.value, 'aot.json'), 'w') as f:
+        json.dump({'topology': _TOPOLOGY.value, 'stages': results}, f, indent=1)
+    return 0 if all(r['fits'] for r in results) else 1
   from kimi_vl_jax.train import run_experiment  # the trainer issue provides this
   try:
     return run_experiment(config, _WORKDIR.value, _STAGES.value)

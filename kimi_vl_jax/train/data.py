@@ -190,6 +190,32 @@ class PipelineSource:
     self.iterator.set_state(state)
 
 
+def batch_spec(config, stage) -> dict:
+  """The global batch of one step of ``stage`` as ``{key: jax.ShapeDtypeStruct}``: what
+  ``make_source(config, stage).next()`` returns on every process together, from the config
+  alone (no tokenizer, no data), for compiling a step ahead of time (``train/aot.py``)."""
+  rows, i32 = stage.global_batch, np.int32
+  spec = {}
+
+  def add(key, shape, dtype=i32):
+    spec[key] = jax.ShapeDtypeStruct((rows,) + tuple(shape), np.dtype(dtype))
+
+  if stage.task == 'vit_pretrain':
+    caption_len = min(int(config.train.caption_len), int(config.model.coca.max_len))
+    add('caption', (caption_len,))
+    add('caption_mask', (caption_len,))
+    add('source_ids', ())
+  else:
+    for key in ('tokens', 'segment_ids', 'positions', 'loss_mask', 'source_ids'):
+      add(key, (stage.seq_len,))
+  if stage.task in ('vit_pretrain', 'kimi_vl'):
+    patch = int(config.model.vision.patch_size)
+    add('patches', (stage.patches_per_row, 3 * patch * patch), np.float32)   # RGB, C*p*p
+    for key in patch_packing.PATCH_FIELDS[1:]:
+      add('patch_' + key, (stage.patches_per_row,))
+  return spec
+
+
 def make_source(config, stage, mesh=None):
   del mesh
   if stage.task == 'vit_pretrain':

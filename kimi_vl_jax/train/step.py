@@ -187,18 +187,25 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
   return step
 
 
+def train_step_jit(step_fn, state_sh: TrainState, batch_sh, mesh: Mesh, hparams: bool):
+  """``jax.jit`` of ``step_fn(state, batch[, hparams])`` with explicit in/out shardings (the
+  state donated, hparams and metrics replicated). ``jit_train_step`` and the ahead-of-time
+  compile (``aot.py``) both build the step here."""
+  replicated = NamedSharding(mesh, P())
+  extra = (replicated,) if hparams else ()
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh) + extra,
+                 out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+
 def jit_train_step(step_fn, state_sh: TrainState, batch_example, mesh: Mesh, hparams=None):
-  """``jax.jit`` with explicit in/out shardings; the state is donated. With ``hparams``
+  """``train_step_jit`` for a host batch like ``batch_example``. With ``hparams``
   (``step_hparams``) the result is still called as ``fn(state, batch)``: the numbers are placed
   once (replicated) and passed on every call."""
   batch_sh = shard_lib.batch_shardings(batch_example, mesh)
-  replicated = NamedSharding(mesh, P())
+  jitted = train_step_jit(step_fn, state_sh, batch_sh, mesh, hparams is not None)
   if hparams is None:
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
-  jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated),
-                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
-  return _WithHparams(jitted, jax.device_put(hparams, replicated))
+    return jitted
+  return _WithHparams(jitted, jax.device_put(hparams, NamedSharding(mesh, P())))
 
 
 class _WithHparams:

@@ -1,0 +1,169 @@
+"""Compile a stage's train step ahead of time for a TPU topology: does it fit, and in how much.
+
+``python -m kimi_vl_jax.main --mode=aot --config=experiments/kimi_vl_a3b.py:v5p-64
+--topology=v5p:4x4x2 --stages=joint_pretrain``
+
+libtpu (``pip install -e '.[aot]'``) compiles for a TPU topology on any host, a laptop CPU
+included. The mesh is built over the topology's devices; the train state and the batch are
+abstract (``jax.ShapeDtypeStruct``, from ``train/data.batch_spec``), so nothing is allocated
+and no data or tokenizer is read. The compiler's memory analysis then gives each chip's bytes:
+arguments (parameters, optimizer state, the batch shard), temporaries (activations kept for the
+backward, collectives' buffers) and outputs. A program that needs more than a chip's HBM does
+not compile; the result then carries the compiler's message, which names the size it needed.
+
+This is the same step ``train`` runs (``loop.prepare_stage``), traced under the same mesh and
+logical-axis rules, with the backends the TPU gets ('auto' follows the mesh's platform). It is
+how to size ``train.microbatches`` (or a stage's own ``microbatches``) and the expert-parallel
+capacity (``model.lm.moe_capacity_factor``) before holding a pod.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import time
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kimi_vl_jax.parallel import mesh as mesh_lib
+from kimi_vl_jax.parallel import sharding as shard_lib
+from kimi_vl_jax.train import data as data_lib
+from kimi_vl_jax.train import stages as stages_lib
+from kimi_vl_jax.train import state as state_lib
+from kimi_vl_jax.train import step as step_lib
+
+GIB = 2 ** 30
+
+
+def topology_devices(topology: str, chips_per_host: str = '2x2x1') -> list:
+  """Devices of a TPU topology such as ``v5p:4x4x2`` (``jax.experimental.topologies``).
+
+  ``chips_per_host``: the host's chip grid (``2x2x1`` on v4/v5p hosts, ``2x2x1`` or ``2x4x1``
+  on v5e/v6e); it decides which devices share a process. Needs libtpu installed.
+  """
+  if importlib.util.find_spec('libtpu') is None:
+    raise RuntimeError("--mode=aot compiles for TPU with libtpu, which is not installed: "
+                       "pip install -e '.[aot]'")
+  try:
+    bounds = tuple(int(n) for n in chips_per_host.split('x'))
+  except ValueError:
+    raise ValueError(f'--chips_per_host={chips_per_host!r}: expected AxBxC, e.g. 2x2x1') from None
+  # Compiling touches no chip, so several compiling processes need not queue on libtpu's
+  # lockfile (which guards a host's chips); without this the second one aborts.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies
+  desc = topologies.get_topology_desc(platform='tpu', topology_name=topology,
+                                      chip_config_name='default', chips_per_host_bounds=bounds,
+                                      num_slices=1)
+  return list(desc.devices)
+
+
+@dataclasses.dataclass
+class _Tokenizer:
+  """Stands in for the stage's tokenizer: the step's program depends on the media-pad id
+  only as a constant, not on its value."""
+  vocab_size: int
+
+  def token_id(self, _piece: str) -> int:
+    return self.vocab_size - 1
+
+
+@dataclasses.dataclass
+class _AbstractSource:
+  tok: _Tokenizer
+  source_names: tuple
+
+
+def _source_names(config, stage) -> tuple:
+  """The names the stage's per-source metrics are kept for (as its data source reports)."""
+  if stage.task == 'vit_pretrain':
+    return tuple(data_lib.parse_mixture(stage.block.mixture or data_lib.DEFAULT_CAPTION_MIXTURE))
+  return tuple(part.split('=', 1)[0].strip() for part in config.data.sources.split(';')
+               if part.strip())
+
+
+def compile_stage(config, stage_name: str, devices: Sequence, keep_text: bool = False) -> dict:
+  """Lowers and compiles ``stage_name``'s train step over ``devices``; returns its figures.
+
+  Keys: stage, devices, device_kind, mesh, global_batch, seq_len, microbatches, compile_s,
+  fits, and per-device GiB (argument, temp, output, alias, total = argument + temp + output
+  - alias) when it compiled, else ``error`` (the compiler's message). ``keep_text`` adds the
+  lowered program (``lowered``, StableHLO text) for inspection.
+  """
+  from kimi_vl_jax.train import loop   # the trainer's own set-up of a stage
+  mesh = mesh_lib.build_mesh(config.mesh, devices)
+  stage = stages_lib.resolve(config, stage_name)
+  source = _AbstractSource(_Tokenizer(int(config.model.lm.vocab_size)),
+                           _source_names(config, stage))
+  prep = loop.prepare_stage(config, stage, mesh, source_factory=lambda *_: source)
+
+  def make():
+    params, extra = state_lib.split_variables(nn.unbox(prep.task.init(prep.rng)))
+    return state_lib.create_state(params, extra, prep.opt, prep.rng)
+
+  state = state_lib.abstract_state(prep.shardings, make)
+  spec = data_lib.batch_spec(config, stage)
+  batch_sh = shard_lib.batch_shardings(spec, mesh)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in spec.items()}
+  step_cfg = step_lib.StepConfig(microbatches=stage.microbatches,
+                                 grad_clip_norm=config.train.grad_clip_norm,
+                                 router_bias_rate=stage.router_bias_rate,
+                                 param_cast_dtype=config.train.param_cast_dtype)
+  replicated = NamedSharding(mesh, P())
+  hparams = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+      step_lib.step_hparams(prep.opt, step_cfg))
+  jitted = step_lib.train_step_jit(prep.step_fn, prep.shardings, batch_sh, mesh, hparams=True)
+  result = {'stage': stage_name, 'devices': len(devices), 'device_kind': devices[0].device_kind,
+            'mesh': {k: int(v) for k, v in mesh.shape.items()},
+            'global_batch': stage.global_batch, 'seq_len': stage.seq_len,
+            'microbatches': stage.microbatches}
+  t0 = time.perf_counter()
+  with shard_lib.activation_context(mesh):
+    lowered = jitted.lower(state, batch, hparams)
+  if keep_text:
+    result['lowered'] = lowered.as_text()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    result.update(fits=False, compile_s=round(time.perf_counter() - t0, 1),
+                  error=str(e).strip().splitlines()[0])
+    return result
+  m = compiled.memory_analysis()
+  gib = lambda n: round(n / GIB, 3)
+  result.update(
+      fits=True, compile_s=round(time.perf_counter() - t0, 1),
+      argument_gib=gib(m.argument_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
+      output_gib=gib(m.output_size_in_bytes), alias_gib=gib(m.alias_size_in_bytes),
+      total_gib=gib(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                    - m.alias_size_in_bytes))
+  return result
+
+
+def describe_result(r: dict) -> str:
+  """One line per stage for the log."""
+  head = (f"{r['stage']}: {r['devices']} x {r['device_kind']}, mesh "
+          + ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
+          + f", batch {r['global_batch']} x {r['seq_len']} in {r['microbatches']} microbatch(es)")
+  if not r['fits']:
+    return f"{head}: DOES NOT FIT ({r['compile_s']} s): {r['error']}"
+  return (f"{head}: fits, per device {r['total_gib']:.2f} GiB (arguments {r['argument_gib']:.2f}, "
+          f"temporaries {r['temp_gib']:.2f}, outputs {r['output_gib']:.2f}, aliased "
+          f"{r['alias_gib']:.2f}); compiled in {r['compile_s']} s")
+
+
+def compile_stages(config, topology: str, stages: Optional[Sequence[str]] = None,
+                   chips_per_host: str = '2x2x1', print_fn=print) -> list:
+  """``compile_stage`` for each of ``stages`` (default: every enabled stage) on ``topology``."""
+  devices = topology_devices(topology, chips_per_host)
+  results = []
+  for name in stages_lib.enabled_stages(config, stages):
+    results.append(compile_stage(config, name, devices))
+    print_fn(describe_result(results[-1]))
+  return results
