@@ -122,6 +122,7 @@ def stage_block(**overrides) -> ml_collections.ConfigDict:
       schedule='',               # '' = optim.schedule
       trainable=(),              # regexes over '/'-joined param paths; () = everything trains
       rope_theta=0.0,            # LM rope theta in this stage (0 = model.lm.rope_theta)
+      remat_policy='',           # '' = the model's; none | full | save_dots for LM and vision here
       router_bias_rate=-1.0,     # -1 = model.lm.router_bias_update_rate; 0 freezes the bias
       mixture='',                # 'source=weight,...' over the data sources
       text_only_fraction=0.0,    # first fraction of the stage is text-only

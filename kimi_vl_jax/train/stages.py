@@ -87,6 +87,8 @@ def resolve(config, name: str) -> Stage:
   model = copy.deepcopy(config.model)
   if b.rope_theta:
     model.lm.rope_theta = float(b.rope_theta)
+  if b.remat_policy:   # long rows: keep only layer inputs for the backward (activations per chip)
+    model.lm.remat_policy = model.vision.remat_policy = b.remat_policy
   optim = ml_collections.ConfigDict(copy.deepcopy(o.to_dict()))
   lr = b.lr or o.lr
   optim.lr = float(lr)
@@ -183,6 +185,9 @@ def _check_stages(config):
     if seq > config.model.lm.max_position_embeddings and b.task != 'vit_pretrain':
       raise ConfigError(f'{key}.seq_len_scale: {seq} tokens exceed model.lm.max_position_embeddings '
                         f'{config.model.lm.max_position_embeddings}')
+    if b.remat_policy not in ('', 'none', 'full', 'save_dots'):
+      raise ConfigError(f'{key}.remat_policy: must be one of none, full, save_dots (or empty: '
+                        f'the model\'s), got {b.remat_policy!r}')
     if b.loss_on not in ('all', 'assistant'):
       raise ConfigError(f'{key}.loss_on: must be all or assistant, got {b.loss_on!r}')
     if b.caption_text not in ('question_answer', 'answer'):

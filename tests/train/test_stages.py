@@ -253,3 +253,17 @@ def test_stage_microbatches_override_and_are_checked():
   c.stages.sft_1.global_batch = 4              # inherits 2 microbatches: 2 rows over 4 devices
   with pytest.raises(ConfigError, match=r'stages\.sft_1\.global_batch: .* data-parallel size 4'):
     validate(c)
+
+
+def test_stage_remat_policy_overrides_both_towers():
+  c = _config()
+  c.model.lm.remat_policy = c.model.vision.remat_policy = 'save_dots'
+  c.stages.sft_2.remat_policy = 'full'
+  validate(c)
+  sft2, joint = stages_lib.resolve(c, 'sft_2'), stages_lib.resolve(c, 'joint_pretrain')
+  assert (sft2.model.lm.remat_policy, sft2.model.vision.remat_policy) == ('full', 'full')
+  assert (joint.model.lm.remat_policy, joint.model.vision.remat_policy) == ('save_dots',) * 2
+  assert c.model.lm.remat_policy == 'save_dots'      # the experiment config is not mutated
+  c.stages.sft_2.remat_policy = 'everything'
+  with pytest.raises(ConfigError, match=r'stages\.sft_2\.remat_policy: must be one of'):
+    validate(c)
