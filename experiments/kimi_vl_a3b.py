@@ -32,11 +32,15 @@ ARGS = tuple(_MESHES)
 def _one_row_per_device(c):
   """Gradient accumulation so that each microbatch holds one row per data-parallel chip.
 
-  ``--mode=aot`` on a v5p-64 slice (joint pretraining, 8K rows): one row per chip needs
-  57.7 GiB of the 95.7 GiB HBM; two rows (16 microbatches) 97.6 GiB. A stage with fewer rows
-  than chips gets one row per chip (sft_2 and long_context_2 on v5p-256: 128 rows of 128K,
-  not the report's 64). Rows of 32K and 128K tokens hold 4x and 16x an 8K row's activations
-  per chip; without context parallelism they exceed HBM (``--mode=aot`` says by how much).
+  ``--mode=aot`` per chip of 95.7 GiB HBM (arguments + temporaries + outputs - aliased):
+  - joint pretraining, 8K rows: v5p-64 57.7 GiB at one row per chip (two rows, 16
+    microbatches: 97.6 GiB); v5p-256 45.2 GiB;
+  - sft_1, 32K rows on v5p-64: with the stage's 'full' remat 37.9 GiB (save_dots: the
+    compiler refuses, 97.5 GB of temporaries);
+  - long_context_2, 128K rows on v5p-64 ('full' remat): compiles, but the sum is 102.0 GiB,
+    above HBM; such rows want context parallelism, which this codebase does not have yet.
+  A stage with fewer rows than chips gets one row per chip (sft_2 and long_context_2 on
+  v5p-256: 128 rows of 128K, not the report's 64).
   """
   dp = c.mesh.data * c.mesh.fsdp * c.mesh.expert
   c.train.microbatches = max(c.train.global_batch // dp, 1)
@@ -122,4 +126,6 @@ def get_config(arg=None):
     s[name].eval = ('vqa', 'counting', 'ocr', 'caption_ppl')
   for name in ('long_context_1', 'long_context_2'):
     s[name].eval = ('needle',)
+  for name in ('long_context_1', 'long_context_2', 'sft_1', 'sft_2', 'long_cot_sft'):
+    s[name].remat_policy = 'full'           # 32K / 128K rows: keep only layer inputs
   return c
