@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import ml_collections
 
 from kimi_vl_jax.config.base import STAGE_NAMES
-from kimi_vl_jax.config.validate import ConfigError, register_check
+from kimi_vl_jax.config.validate import ConfigError, register_check, resolve_mesh_shape
 
 TASKS = ('kimi_vl', 'lm', 'vit_pretrain')
 EVALS = ('vqa', 'ocr', 'counting', 'caption_ppl', 'needle')
@@ -144,16 +144,22 @@ def transfer_params(src, dst):
   return jax.tree_util.tree_map_with_path(pick, dst), copied
 
 
-def _check_microbatches(config, name: str):
+def _check_microbatches(config, name: str, num_devices: Optional[int]):
   """A stage's batch splits into its microbatches, and each microbatch over the data-parallel
-  devices when the mesh fixes their number (as train.global_batch is checked in validate)."""
+  devices when their number is known: from the device count, or from a mesh with no -1 axis
+  (as train.global_batch is checked in validate)."""
   b, t = config.stages[name], config.train
   batch = b.global_batch or t.global_batch
   micro = b.microbatches or t.microbatches
   field = f'config.stages.{name}.' + ('microbatches' if b.microbatches else 'global_batch')
   if batch % micro:
     raise ConfigError(f'{field}: {micro} microbatches do not divide the stage batch {batch}')
-  sizes = [config.mesh[a] for a in ('data', 'fsdp', 'expert')]
+  axes = ('data', 'fsdp', 'expert')
+  if num_devices is not None:
+    resolved = resolve_mesh_shape(config.mesh, num_devices)
+    sizes = [resolved[a] for a in axes]
+  else:
+    sizes = [config.mesh[a] for a in axes]
   if all(isinstance(n, int) and n > 0 for n in sizes) and (batch // micro) % math.prod(sizes):
     raise ConfigError(f'{field}: the stage batch {batch} in {micro} microbatches leaves '
                       f'{batch // micro} rows per microbatch, not divisible by the data-parallel '
@@ -161,7 +167,7 @@ def _check_microbatches(config, name: str):
 
 
 @register_check
-def _check_stages(config):
+def _check_stages(config, num_devices: Optional[int] = None):
   for name in STAGE_NAMES:
     b = config.stages[name]
     key = f'config.stages.{name}'
@@ -173,7 +179,7 @@ def _check_stages(config):
               'max_patches_per_row'):
       if not isinstance(b[k], int) or b[k] < 0:
         raise ConfigError(f'{key}.{k}: must be an integer >= 0, got {b[k]!r}')
-    _check_microbatches(config, name)
+    _check_microbatches(config, name, num_devices)
     if b.steps == 0 and b.tokens == 0:
       raise ConfigError(f'{key}: set a budget (steps or tokens > 0) or enabled=False')
     if b.max_patches_per_row % 4:

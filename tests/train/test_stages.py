@@ -267,3 +267,14 @@ def test_stage_remat_policy_overrides_both_towers():
   c.stages.sft_2.remat_policy = 'everything'
   with pytest.raises(ConfigError, match=r'stages\.sft_2\.remat_policy: must be one of'):
     validate(c)
+
+
+def test_stage_batch_is_checked_against_the_device_count():
+  # A mesh with a -1 axis takes its size from the devices: the stage check needs the count.
+  c = _config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = -1, 1, 1, 1
+  c.stages.long_context_2.global_batch = 2
+  validate(c)                                  # device count unknown: nothing to check
+  validate(c, num_devices=2)
+  with pytest.raises(ConfigError, match=r'stages\.long_context_2\.global_batch: .* size 4'):
+    validate(c, num_devices=4)
