@@ -32,13 +32,16 @@ ARGS = tuple(_MESHES)
 def _one_row_per_device(c):
   """Gradient accumulation so that each microbatch holds one row per data-parallel chip.
 
-  ``--mode=aot`` per chip of 95.7 GiB HBM (arguments + temporaries + outputs - aliased):
-  - joint pretraining, 8K rows: v5p-64 57.7 GiB at one row per chip (two rows, 16
-    microbatches: 97.6 GiB); v5p-256 45.2 GiB;
-  - sft_1, 32K rows on v5p-64: with the stage's 'full' remat 37.9 GiB (save_dots: the
+  ``--mode=aot`` per chip of 95.7 GiB HBM (arguments + temporaries + outputs - aliased), on
+  v5p-64 for every stage:
+  - vit_pretrain: 50.0 GiB (4096 patch slots a row and 'full' remat; 16384 slots: 380 GB of
+    temporaries). Its SigLIP negatives are those of one microbatch (1024 pairs);
+  - alignment 45.7 GiB; joint_pretrain and cooldown 57.7 GiB at one 8K row per chip (two
+    rows, 16 microbatches: 97.6 GiB); on v5p-256 joint_pretrain takes 45.2 GiB;
+  - long_context_1, sft_1, long_cot_sft (32K rows, 'full' remat): 37.9 GiB (save_dots: the
     compiler refuses, 97.5 GB of temporaries);
-  - long_context_2, 128K rows on v5p-64 ('full' remat): compiles, but the sum is 102.0 GiB,
-    above HBM; such rows want context parallelism, which this codebase does not have yet.
+  - long_context_2 and sft_2 (128K rows, 'full' remat) compile, but sum to 102.0 GiB, above
+    HBM: such rows want context parallelism, which this codebase does not have yet.
   A stage with fewer rows than chips gets one row per chip (sft_2 and long_context_2 on
   v5p-256: 128 rows of 128K, not the report's 64).
   """
@@ -94,6 +97,8 @@ def get_config(arg=None):
   s.vit_pretrain.global_batch = 32768        # image-text pairs per step (SigLIP-style batch)
   s.vit_pretrain.image_sides = (224, 448, 896)
   s.vit_pretrain.mixture = 'shapes=1,ocr=1,charts=1,gui=1'
+  s.vit_pretrain.max_patches_per_row = 4096  # one image of <= 896 px a row: 64 x 64 patches
+  s.vit_pretrain.remat_policy = 'full'
   s.alignment.tokens = T // 10
   s.joint_pretrain.tokens = 14 * T // 10
   s.joint_pretrain.text_only_fraction = 0.1
