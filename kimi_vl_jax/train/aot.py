@@ -10,6 +10,9 @@ and no data or tokenizer is read. The compiler's memory analysis then gives each
 arguments (parameters, optimizer state, the batch shard), temporaries (activations kept for the
 backward, collectives' buffers) and outputs. A program that needs more than a chip's HBM does
 not compile; the result then carries the compiler's message, which names the size it needed.
+"fits" is the compiler's verdict; the reported total (arguments + temporaries + outputs -
+aliased) can still exceed the HBM (kimi_vl_a3b's 128K stages on v5p: 102.0 of 95.7 GiB), so
+read the total against the chip's HBM too.
 
 This is the same step ``train`` runs (``loop.prepare_stage``), traced under the same mesh and
 logical-axis rules, with the backends the TPU gets ('auto' follows the mesh's platform). It is
