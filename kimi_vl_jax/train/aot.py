@@ -112,14 +112,10 @@ def compile_stage(config, stage_name: str, devices: Sequence, keep_text: bool = 
   spec = data_lib.batch_spec(config, stage)
   batch_sh = shard_lib.batch_shardings(spec, mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in spec.items()}
-  step_cfg = step_lib.StepConfig(microbatches=stage.microbatches,
-                                 grad_clip_norm=config.train.grad_clip_norm,
-                                 router_bias_rate=stage.router_bias_rate,
-                                 param_cast_dtype=config.train.param_cast_dtype)
   replicated = NamedSharding(mesh, P())
   hparams = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
-      step_lib.step_hparams(prep.opt, step_cfg))
+      step_lib.step_hparams(prep.opt, prep.step_cfg))
   jitted = step_lib.train_step_jit(prep.step_fn, prep.shardings, batch_sh, mesh, hparams=True)
   result = {'stage': stage_name, 'devices': len(devices), 'device_kind': devices[0].device_kind,
             'mesh': {k: int(v) for k, v in mesh.shape.items()},

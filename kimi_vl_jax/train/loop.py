@@ -239,6 +239,7 @@ class PreparedStage:
   rng: jax.Array
   jitted: Callable
   step_fn: Callable
+  step_cfg: step_lib.StepConfig
 
 
 def prepare_stage(config, stage: stages_lib.Stage, mesh, source_factory=None) -> PreparedStage:
@@ -262,7 +263,7 @@ def prepare_stage(config, stage: stages_lib.Stage, mesh, source_factory=None) ->
   # The lr schedule and router-bias rate as arguments: one compiled program for stages that
   # differ only in those numbers (step.py).
   jitted = _LazyJit(step_fn, sh, mesh, step_lib.step_hparams(opt, step_cfg))
-  return PreparedStage(source, task, opt, sh, rng, jitted, step_fn)
+  return PreparedStage(source, task, opt, sh, rng, jitted, step_fn, step_cfg)
 
 
 def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factory, preempt,
