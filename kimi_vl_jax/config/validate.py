@@ -6,7 +6,6 @@ Every error is a ``ConfigError`` whose message starts with the dotted key at fau
 from __future__ import annotations
 
 import difflib
-import inspect
 import math
 from typing import Any, Callable, Optional
 
@@ -244,8 +243,8 @@ CHECK_MODULES = ('kimi_vl_jax.data.config_check', 'kimi_vl_jax.train.stages',
 
 
 def register_check(fn: Callable) -> Callable:
-  """Decorator: ``fn(config)`` raises ConfigError for mistakes in its own block. A check that
-  takes a ``num_devices`` keyword also gets validate's device count (None when unknown)."""
+  """Decorator: ``fn(config, num_devices)`` raises ConfigError for mistakes in its own block;
+  ``num_devices`` is validate's device count (None when unknown)."""
   if fn not in _EXTRA_CHECKS:
     _EXTRA_CHECKS.append(fn)
   return fn
@@ -275,10 +274,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
   _check_optim(config)
   _check_metrics(config)
   for fn in _EXTRA_CHECKS:
-    if 'num_devices' in inspect.signature(fn).parameters:
-      fn(config, num_devices=num_devices)
-    else:
-      fn(config)
+    fn(config, num_devices)
   return config
 
 

@@ -5,7 +5,8 @@ from kimi_vl_jax.config import validate as v
 
 
 @v.register_check
-def check_data(cfg):
+def check_data(cfg, num_devices=None):
+  del num_devices
   if 'data' not in cfg:
     return
   d = cfg.data

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kimi_vl_jax.data import mixture as mixture_lib
 from kimi_vl_jax.parallel import mesh as mesh_lib
 from kimi_vl_jax.parallel import sharding as shard_lib
 from kimi_vl_jax.train import data as data_lib
@@ -85,8 +86,7 @@ def _source_names(config, stage) -> tuple:
   """The names the stage's per-source metrics are kept for (as its data source reports)."""
   if stage.task == 'vit_pretrain':
     return tuple(data_lib.parse_mixture(stage.block.mixture or data_lib.DEFAULT_CAPTION_MIXTURE))
-  return tuple(part.split('=', 1)[0].strip() for part in config.data.sources.split(';')
-               if part.strip())
+  return tuple(s.name for s in mixture_lib.parse_sources(config.data.sources))
 
 
 def compile_stage(config, stage_name: str, devices: Sequence, keep_text: bool = False) -> dict:

@@ -200,7 +200,8 @@ def held_out_descriptions(config) -> dict[str, str]:
 
 
 @register_check
-def _check_eval_sources(config):
+def _check_eval_sources(config, num_devices=None):
+  del num_devices
   try:
     eval_views(config)
   except ValueError as e:
