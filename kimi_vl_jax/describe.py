@@ -82,12 +82,20 @@ def _fmt_count(n: float) -> str:
 def describe(config, num_devices: Optional[int] = None, print_fn=print) -> dict:
   """Prints the description of ``config.model``; returns the counts per component."""
   mesh_cfg = config.mesh
+  note = ''
   if num_devices is None:
     fixed = [mesh_cfg[a] for a in MESH_AXES]
     num_devices = math.prod(fixed) if -1 not in fixed else jax.device_count()
+    fixed_devices = math.prod(s for s in fixed if s != -1)
+    if -1 in fixed and num_devices % fixed_devices:
+      # Shapes are abstract, so a mesh this host cannot hold can still be described: the
+      # smallest one the fixed axes allow (e.g. expert=8 with fsdp=-1, on a 1-device laptop).
+      note = f'; this host has {num_devices}, the fixed axes need a multiple of {fixed_devices}'
+      num_devices = fixed_devices
   mesh_sizes = resolve_mesh_shape(mesh_cfg, num_devices)
   print_fn(f'model preset: {config.model.get("name", "?")}   mesh: '
-           + ' x '.join(f'{a}={mesh_sizes[a]}' for a in MESH_AXES) + f' ({num_devices} devices)')
+           + ' x '.join(f'{a}={mesh_sizes[a]}' for a in MESH_AXES)
+           + f' ({num_devices} devices{note})')
   components = abstract_components(config.model)
   if not components:
     print_fn('no model components are registered yet')

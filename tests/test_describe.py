@@ -121,3 +121,13 @@ def test_a3b_counts_match_the_spec():
   # A routed expert stack splits over expert x fsdp on the pod mesh.
   down = [l for l in lines if 'experts/down_proj' in l]
   assert down and "P(None, 'expert', 'tensor', 'fsdp')" in down[0] and '(26, 8, 1408, 128)' in down[0]
+
+
+def test_free_axis_mesh_the_host_cannot_hold_is_described_at_its_smallest():
+  """expert=8 with fsdp=-1 (the fine-tuning recipe) on a host of fewer devices: describe uses
+  the smallest mesh the fixed axes allow instead of failing on this host's device count."""
+  c = base_config('tiny')
+  c.mesh.update(dict(data=3, fsdp=-1, expert=1, tensor=1))   # 3 does not divide 8 devices
+  lines = []
+  describe_lib.describe(c, print_fn=lines.append)
+  assert 'data=3 x fsdp=1' in lines[0] and '(3 devices; this host has 8' in lines[0], lines[0]
