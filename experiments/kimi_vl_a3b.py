@@ -38,10 +38,11 @@ def _one_row_per_device(c):
     temporaries). Its SigLIP negatives are those of one microbatch (1024 pairs);
   - alignment 45.7 GiB; joint_pretrain and cooldown 57.7 GiB at one 8K row per chip (two
     rows, 16 microbatches: 97.6 GiB); on v5p-256 joint_pretrain takes 45.2 GiB;
-  - long_context_1, sft_1, long_cot_sft (32K rows, 'full' remat): 37.9 GiB (save_dots: the
+  - long_context_1, sft_1, long_cot_sft (32K rows, 'full' remat): 37.8 GiB (save_dots: the
     compiler refuses, 97.5 GB of temporaries);
-  - long_context_2 and sft_2 (128K rows, 'full' remat) compile, but sum to 102.0 GiB, above
-    HBM: such rows want context parallelism, which this codebase does not have yet.
+  - long_context_2 and sft_2 (128K rows, 'full' remat): 73.0 GiB, with the MoE routing 32K-token
+    slices of a row at a time (``model.lm.moe_token_chunk``; whole rows: 102.0 GiB, above HBM,
+    from 6 GiB all-to-all buffers) and the loss reading 16K-token slices.
   A stage with fewer rows than chips gets one row per chip (sft_2 and long_context_2 on
   v5p-256: 128 rows of 128K, not the report's 64).
   """
@@ -74,10 +75,14 @@ def get_config(arg=None):
   c.train.seq_len = 8192
   c.train.steps = 500_000
   c.train.loss_vocab_chunk = 16384          # never materialize [B, S, 163840] fp32 logits
+  c.train.loss_token_chunk = 16384          # nor a 128K row's [1, S, 16384] slice (8 GiB)
   # Expert-parallel all-to-all buffers sized for twice the mean load per destination (drops
   # past it are counted, metric 'moe_dropped'); dropless sizing (0) reserves every token's
   # k assignments at every destination: 39 GiB a chip of saved buffers on v5p-64.
   c.model.lm.moe_capacity_factor = 2.0
+  # 128K rows route 32K-token slices one at a time: whole, their all-to-all buffers (6 GiB
+  # each) alone overflowed a v5p chip.
+  c.model.lm.moe_token_chunk = 32768
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
   c.train.image_max_side = 896

@@ -30,6 +30,8 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       # Trainer (kimi_vl_jax/train/).
       param_cast_dtype='none',   # none | bfloat16: bf16 forward/backward from fp32 master weights
       loss_vocab_chunk=0,        # > 0: CE over vocabulary chunks of this size (no full logits)
+      loss_token_chunk=0,        # > 0 (with loss_vocab_chunk): and over sequence slices of this
+                                 # many tokens (long rows: one logits block is [B, this, vocab chunk])
       checkpoint_every=0,        # steps between checkpoints inside a stage (0 = stage end only)
       keep_checkpoints=2,        # last N per stage (each stage's final is kept as well)
       async_checkpoints=True,

@@ -63,6 +63,8 @@ def _lm(**overrides) -> ml_collections.ConfigDict:
       attention_block_size=512,       # query/key block of the xla backend
       moe_backend='auto',             # auto | ragged | capacity | dense
       moe_capacity_factor=0.0,        # capacity backend: 0 = dropless (capacity = tokens)
+      moe_token_chunk=0,              # > 0: route sequence slices of this many tokens at a time
+                                      # (bounds dispatch buffers of long rows; 0 = whole rows)
       router_bias_update_rate=1e-3,   # u of the aux-loss-free bias update
       seq_balance_loss_alpha=0.0,     # optional sequence-wise balance loss
       scan_layers=True,

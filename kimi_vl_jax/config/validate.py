@@ -78,7 +78,7 @@ def _check_lm(cfg):
             'num_experts_per_tok', 'n_group', 'topk_group', 'kv_lora_rank',
             'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim', 'attention_block_size'):
     _positive_int(cfg, f'{p}.{k}')
-  for k in ('n_shared_experts', 'first_k_dense_replace', 'q_lora_rank'):
+  for k in ('n_shared_experts', 'first_k_dense_replace', 'q_lora_rank', 'moe_token_chunk'):
     _positive_int(cfg, f'{p}.{k}', allow_zero=True)
   if lm.qk_rope_head_dim % 2:
     _fail(f'{p}.qk_rope_head_dim', f'rotary dims must be even, got {lm.qk_rope_head_dim}')
@@ -183,7 +183,12 @@ def _check_train(cfg, num_devices: Optional[int]):
     _positive_int(cfg, f'train.{k}')
   _positive_int(cfg, 'train.seed', allow_zero=True)
   _positive_float(cfg, 'train.grad_clip_norm', allow_zero=True)
+  _positive_int(cfg, 'train.loss_vocab_chunk', allow_zero=True)
+  _positive_int(cfg, 'train.loss_token_chunk', allow_zero=True)
   t = cfg.train
+  if t.loss_token_chunk and not t.loss_vocab_chunk:
+    _fail('train.loss_token_chunk', f'{t.loss_token_chunk} needs train.loss_vocab_chunk > 0 '
+          '(sequence slices belong to the chunked cross-entropy)')
   if t.global_batch % t.microbatches:
     _fail('train.microbatches', f'{t.microbatches} microbatches do not divide global_batch {t.global_batch}')
   fixed = [_get(cfg, f'mesh.{a}') for a in MESH_AXES]

@@ -16,6 +16,7 @@ capacity, add nothing to the load statistics, and get only the shared-expert out
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -123,6 +124,37 @@ def update_router_bias(router_vars: Any, load_le, rate: float):
   return jax.tree.unflatten(treedef, [one(b, l) for b, l in zip(leaves, loads)])
 
 
+def routed_in_slices(routed, x_btd, idx_btk, w_btk, token_chunk: int, num_experts: int):
+  """``routed(x, idx, w) -> (y_btd, dropped)`` over sequence slices of ``token_chunk`` tokens.
+
+  Dispatch buffers grow with the tokens routed at once (the expert-parallel send and receive
+  buffers of one 128K row at capacity factor 2 are 6 GiB each); slices bound them. Each slice
+  is rematerialized in the backward pass, so only its inputs are saved. Capacities then apply
+  per slice (``dropped`` is summed). S is padded up to a multiple with unrouted tokens.
+  ``token_chunk`` <= 0 or >= S: one call.
+  """
+  b, s, d = x_btd.shape
+  if token_chunk <= 0 or token_chunk >= s:
+    return routed(x_btd, idx_btk, w_btk)
+  n = -(-s // token_chunk)
+  pad = n * token_chunk - s
+  if pad:
+    x_btd = jnp.pad(x_btd, ((0, 0), (0, pad), (0, 0)))
+    idx_btk = jnp.pad(idx_btk, ((0, 0), (0, pad), (0, 0)), constant_values=num_experts)
+    w_btk = jnp.pad(w_btk, ((0, 0), (0, pad), (0, 0)))
+  # [N, B, Sc, ...]: slices lead, the (data-parallel) batch axis keeps its place.
+  slices = lambda a: jnp.swapaxes(a.reshape(b, n, token_chunk, *a.shape[2:]), 0, 1)
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def body(dropped, xs):
+    y, drop = routed(*xs)
+    return dropped + jnp.asarray(drop, jnp.int32), y.astype(jnp.float32)
+
+  dropped, y_nbsd = jax.lax.scan(body, jnp.zeros((), jnp.int32),
+                                 (slices(x_btd), slices(idx_btk), slices(w_btk)))
+  return jnp.swapaxes(y_nbsd, 0, 1).reshape(b, n * token_chunk, d)[:, :s], dropped
+
+
 class MoEGate(nn.Module):
   """Router weight [D, E] plus the non-trainable selection bias (collection 'router')."""
   config: FrozenConfigDict
@@ -192,17 +224,20 @@ class MoEBlock(nn.Module):
     w_gate, w_up, w_down = RoutedExperts(cfg, name='experts')()
     kwargs = dict(backend=cfg.moe_backend, capacity_factor=float(cfg.moe_capacity_factor),
                   dtype=dtype)
-    if expert_parallel_size() > 1 or data_parallel_shards(b) > 1:
-      sharded_ffn = expert_parallel_ffn if expert_parallel_size() > 1 else data_parallel_ffn
-      routed_btd, dropped = sharded_ffn(
-          x_btd.astype(dtype), idx_tk.reshape(b, s, k), w_tk.reshape(b, s, k),
-          w_gate, w_up, w_down, **kwargs)
-      routed_td = routed_btd.reshape(b * s, d)
-    else:
-      routed_td, dropped = moe_dispatch.expert_ffn(x_td, idx_tk, w_tk, w_gate, w_up, w_down,
-                                                   **kwargs)
 
-    y_btd = routed_td.reshape(b, s, d)
+    def routed(x_btd, idx_btk, w_btk):
+      """(routed_btd fp32, dropped) of one slice of the sequence."""
+      bb, ss, _ = x_btd.shape
+      if expert_parallel_size() > 1 or data_parallel_shards(bb) > 1:
+        sharded_ffn = expert_parallel_ffn if expert_parallel_size() > 1 else data_parallel_ffn
+        return sharded_ffn(x_btd.astype(dtype), idx_btk, w_btk, w_gate, w_up, w_down, **kwargs)
+      routed_td, dropped = moe_dispatch.expert_ffn(
+          x_btd.reshape(bb * ss, d), idx_btk.reshape(bb * ss, k), w_btk.reshape(bb * ss, k),
+          w_gate, w_up, w_down, **kwargs)
+      return routed_td.reshape(bb, ss, d), dropped
+
+    y_btd, dropped = routed_in_slices(routed, x_btd, idx_tk.reshape(b, s, k),
+                                      w_tk.reshape(b, s, k), int(cfg.moe_token_chunk), e)
     if cfg.n_shared_experts > 0:
       # HF ``shared_experts``: one SwiGLU of n_shared_experts * moe_intermediate_size.
       shared = MLP(cfg.n_shared_experts * cfg.moe_intermediate_size, dtype=cfg.dtype,

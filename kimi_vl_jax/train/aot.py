@@ -11,13 +11,14 @@ arguments (parameters, optimizer state, the batch shard), temporaries (activatio
 backward, collectives' buffers) and outputs. A program that needs more than a chip's HBM does
 not compile; the result then carries the compiler's message, which names the size it needed.
 "fits" is the compiler's verdict; the reported total (arguments + temporaries + outputs -
-aliased) can still exceed the HBM (kimi_vl_a3b's 128K stages on v5p: 102.0 of 95.7 GiB), so
-read the total against the chip's HBM too.
+aliased) can still exceed the HBM (kimi_vl_a3b's 128K stages on v5p-64, when they routed whole
+rows through the MoE: 102.0 of 95.7 GiB), so read the total against the chip's HBM too.
 
 This is the same step ``train`` runs (``loop.prepare_stage``), traced under the same mesh and
 logical-axis rules, with the backends the TPU gets ('auto' follows the mesh's platform). It is
 how to size ``train.microbatches`` (or a stage's own ``microbatches``) and the expert-parallel
-capacity (``model.lm.moe_capacity_factor``) before holding a pod.
+capacity (``model.lm.moe_capacity_factor``) and, for long rows, the sequence slices of the MoE
+and the loss (``model.lm.moe_token_chunk``, ``train.loss_token_chunk``) before holding a pod.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ The A3B vocabulary (163840) at long S would need ``B*S*V*4`` bytes of fp32 logit
 B=1, S=128K), so ``chunked_cross_entropy`` never builds them: it scans over vocabulary chunks,
 computing each chunk's logits from the final hidden states and the ``lm_head`` kernel, keeping an
 online log-sum-exp, and is rematerialized in the backward pass (only ``[B, S]`` carries are saved
-per chunk).
+per chunk). Long rows also go through the sequence in slices (``token_chunk``), so one logits
+block is at most [B, token_chunk, chunk_size].
 
 All losses return *sums* plus weights, so microbatches and per-source breakdowns add up exactly;
 the train step divides once at the end.
@@ -49,9 +50,12 @@ def cross_entropy_from_logits(logits_bsv: jax.Array, targets_bs: jax.Array, *,
 
 
 def chunked_cross_entropy(h_bsd: jax.Array, w_dv: jax.Array, targets_bs: jax.Array, *,
-                          chunk_size: int = 8192, soft_cap: float = 0.0,
+                          chunk_size: int = 8192, token_chunk: int = 0, soft_cap: float = 0.0,
                           compute_dtype=jnp.float32) -> jax.Array:
   """Per-token NLL [B, S] (fp32) of ``softmax(h @ w)`` without materializing [B, S, V].
+
+  The largest logits block is [B, token_chunk, chunk_size] fp32: at S = 128K a row's
+  [1, S, 16384] vocabulary slice alone is 8 GiB, so long rows also split the sequence.
 
   Args:
     h_bsd: final (normed) hidden states.
@@ -59,6 +63,8 @@ def chunked_cross_entropy(h_bsd: jax.Array, w_dv: jax.Array, targets_bs: jax.Arr
     targets_bs: int target ids in [0, V).
     chunk_size: vocabulary slice per scan step; V is padded up to a multiple (padded columns
       get -inf logits, so they do not change the result).
+    token_chunk: > 0: sequence slice per outer scan step (S is padded up to a multiple; padded
+      positions are sliced off); 0: the whole sequence at once.
     soft_cap: optional ``cap * tanh(logits / cap)`` (0 = off).
     compute_dtype: matmul input dtype (accumulation is fp32).
   """
@@ -70,12 +76,30 @@ def chunked_cross_entropy(h_bsd: jax.Array, w_dv: jax.Array, targets_bs: jax.Arr
   w_ndc = w_dv.reshape(d, n, c).transpose(1, 0, 2)
   h = h_bsd.astype(compute_dtype)
   bsz, seq = targets_bs.shape
+  if token_chunk <= 0 or token_chunk >= seq:
+    return _vocab_scan(h, w_ndc, targets_bs, v, soft_cap)
+  k = -(-seq // token_chunk)
+  pad = k * token_chunk - seq
+  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+  t = jnp.pad(targets_bs, ((0, 0), (0, pad)))
+  # [K, B, Tc, ...]: the batch axis keeps its (data-parallel) sharding inside the scan.
+  h_kbtd = h.reshape(bsz, k, token_chunk, d).transpose(1, 0, 2, 3)
+  t_kbt = t.reshape(bsz, k, token_chunk).transpose(1, 0, 2)
+  _, nll_kbt = jax.lax.scan(
+      lambda _, xs: (None, _vocab_scan(xs[0], w_ndc, xs[1], v, soft_cap)), None, (h_kbtd, t_kbt))
+  return nll_kbt.transpose(1, 0, 2).reshape(bsz, k * token_chunk)[:, :seq]
+
+
+def _vocab_scan(h_bsd, w_ndc, targets_bs, v: int, soft_cap: float) -> jax.Array:
+  """NLL [B, S] by an online log-sum-exp over the vocabulary slices ``w_ndc`` [N, D, C]."""
+  c = w_ndc.shape[-1]
+  bsz, seq = targets_bs.shape
 
   @jax.checkpoint
   def body(carry, xs):
     m_bs, l_bs, tgt_bs = carry
     w_dc, start = xs
-    logits = jnp.einsum('bsd,dc->bsc', h, w_dc.astype(compute_dtype),
+    logits = jnp.einsum('bsd,dc->bsc', h_bsd, w_dc.astype(h_bsd.dtype),
                         preferred_element_type=jnp.float32)
     logits = _soft_cap(logits, soft_cap)
     col = start + jnp.arange(c)
@@ -90,7 +114,7 @@ def chunked_cross_entropy(h_bsd: jax.Array, w_dv: jax.Array, targets_bs: jax.Arr
 
   init = (jnp.full((bsz, seq), -jnp.inf, jnp.float32), jnp.zeros((bsz, seq), jnp.float32),
           jnp.zeros((bsz, seq), jnp.float32))
-  starts = jnp.arange(n, dtype=jnp.int32) * c
+  starts = jnp.arange(w_ndc.shape[0], dtype=jnp.int32) * c
   (m, l, tgt), _ = jax.lax.scan(body, init, (w_ndc, starts))
   return m + jnp.log(l) - tgt
 

@@ -12,7 +12,8 @@ Batch keys (host numpy, leading axis B):
 
 The LM loss is next-token CE over ``loss_mask``-ed targets (``losses.shift_targets``) plus
 ``seq_balance_loss_alpha * balance_loss``. With ``train.loss_vocab_chunk > 0`` the CE is computed
-chunk by chunk over the vocabulary from the final hidden states (``losses.chunked_cross_entropy``):
+chunk by chunk over the vocabulary (and, with ``train.loss_token_chunk > 0``, over sequence
+slices) from the final hidden states (``losses.chunked_cross_entropy``):
 the LM's final hidden states are recorded (``apply_with_hidden``) and the unused logits are
 dropped by XLA, so full logits never exist.
 """
@@ -58,12 +59,12 @@ def apply_with_hidden(model, variables, args, kwargs):
 
 
 def lm_objective(logits_or_hidden, lm_head_kernel, batch, aux, lm_cfg, vocab_chunk: int,
-                 num_sources: int):
+                 num_sources: int, token_chunk: int = 0):
   """(objective_sum, aux) of the LM part; ``logits_or_hidden`` is hidden iff vocab_chunk > 0."""
   targets, weights = losses.shift_targets(batch['tokens'], batch['loss_mask'], batch['segment_ids'])
   if vocab_chunk > 0:
     nll = losses.chunked_cross_entropy(logits_or_hidden, lm_head_kernel, targets,
-                                       chunk_size=vocab_chunk,
+                                       chunk_size=vocab_chunk, token_chunk=token_chunk,
                                        soft_cap=float(lm_cfg.logits_soft_cap),
                                        compute_dtype=jnp.dtype(lm_cfg.dtype))
   else:
@@ -99,6 +100,7 @@ def lm_task(model_cfg, train_cfg, source_names=()) -> Task:
   lm_cfg = FrozenConfigDict(model_cfg.lm)
   model = MoeLM(lm_cfg)
   chunk = int(train_cfg.get('loss_vocab_chunk', 0))
+  token_chunk = int(train_cfg.get('loss_token_chunk', 0))
   k = len(source_names)
 
   def init(rng):
@@ -109,7 +111,7 @@ def lm_task(model_cfg, train_cfg, source_names=()) -> Task:
     del rng
     out, aux = _apply_lm_like(model, {'params': params, **extra},
                               (batch['tokens'], batch['segment_ids'], batch['positions']), {}, chunk)
-    return lm_objective(out, _lm_head_kernel(params), batch, aux, lm_cfg, chunk, k)
+    return lm_objective(out, _lm_head_kernel(params), batch, aux, lm_cfg, chunk, k, token_chunk)
 
   return Task('lm', init, loss, tuple(source_names), model, lm_cfg)
 
@@ -119,6 +121,7 @@ def kimi_vl_task(model_cfg, train_cfg, source_names=(), media_pad_id: int = 0) -
   cfg = FrozenConfigDict(model_cfg)
   model = KimiVL(cfg, media_pad_id=media_pad_id)
   chunk = int(train_cfg.get('loss_vocab_chunk', 0))
+  token_chunk = int(train_cfg.get('loss_token_chunk', 0))
   k = len(source_names)
 
   def init(rng):
@@ -129,7 +132,7 @@ def kimi_vl_task(model_cfg, train_cfg, source_names=(), media_pad_id: int = 0) -
     args = (batch['tokens'], batch['segment_ids'], batch['positions'])
     kwargs = {key: batch[key] for key in PATCH_KEYS if key in batch}
     out, aux = _apply_lm_like(model, {'params': params, **extra}, args, kwargs, chunk)
-    return lm_objective(out, _lm_head_kernel(params), batch, aux, cfg.lm, chunk, k)
+    return lm_objective(out, _lm_head_kernel(params), batch, aux, cfg.lm, chunk, k, token_chunk)
 
   return Task('kimi_vl', init, loss, tuple(source_names), model, cfg)
 

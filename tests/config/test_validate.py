@@ -97,6 +97,10 @@ MISTAKES = [
     ('metrics_log_every', _set(**{'metrics.log_every': 0}), None, 'metrics.log_every', '>= 1'),
     ('scan_unroll_zero', _set(**{'model.vision.scan_unroll': 0}), None, 'model.vision.scan_unroll',
      'integer >= 1'),
+    ('token_chunk_without_vocab_chunk', _set(**{'train.loss_token_chunk': 4096}), None,
+     'train.loss_token_chunk', 'needs train.loss_vocab_chunk > 0'),
+    ('negative_vocab_chunk', _set(**{'train.loss_vocab_chunk': -1}), None,
+     'train.loss_vocab_chunk', 'integer >= 0'),
 ]
 
 

@@ -1,4 +1,6 @@
 """MoEBlock: parity with transformers' DeepseekV3MoE, padding, bias update, balance loss, layout."""
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -271,3 +273,60 @@ def test_data_parallel_capacity_drops_per_device_and_falls_back_when_batch_does_
   with jax.set_mesh(mesh):
     y, _ = jax.jit(lambda v, x: MoEBlock(cfg).apply(v, x, seg))(variables, x)
   np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize('mesh_shape', [None, (1, 2, 4, 1)], ids=['one_device', 'expert_parallel'])
+def test_sequence_slices_match_whole_rows(mesh_shape):
+  """moe_token_chunk routes slices of the sequence one at a time (10 tokens in slices of 4: the
+  last is padded): outputs, statistics and gradients equal routing whole rows."""
+  if mesh_shape and jax.device_count() < 8:
+    pytest.skip('needs 8 (simulated) devices')
+  cfg = _cfg(seq_balance_loss_alpha=1e-3)
+  variables, x, _ = _init(cfg, b=8, s=10)
+  seg = jnp.ones((8, 10), jnp.int32).at[2, 5:].set(0)
+
+  def grad_fn(cfg):
+    def loss(p):
+      y, aux = MoEBlock(cfg).apply({**variables, 'params': p}, x, seg)
+      return jnp.sum(y ** 2) + aux['balance_loss'], (y, aux)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+  whole, sliced = grad_fn(cfg), grad_fn(_cfg(seq_balance_loss_alpha=1e-3, moe_token_chunk=4))
+  (_, (y_ref, aux_ref)), g_ref = whole(variables['params'])
+  mesh = (Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ('data', 'fsdp', 'expert', 'tensor'))
+          if mesh_shape else None)
+  with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+    (_, (y, aux)), g = sliced(variables['params'])
+    text = sliced.lower(variables['params']).as_text()
+  assert 'while' in text or 'scan' in text        # the slices really are a loop
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  np.testing.assert_array_equal(aux['load_e'], aux_ref['load_e'])
+  assert int(aux['dropped']) == 0
+  np.testing.assert_allclose(aux['balance_loss'], aux_ref['balance_loss'], rtol=1e-5)
+  jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, atol=1e-5), g, g_ref)
+
+
+def test_sequence_slices_count_drops_per_slice():
+  """Capacities apply per slice and the drops of all slices are summed."""
+  from kimi_vl_jax.models.moe import routed_in_slices
+  from kimi_vl_jax.ops import moe_dispatch
+  cfg = _cfg(moe_capacity_factor=1.0)
+  d, f, e, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, 3
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 16, d))
+  ws = [jnp.ones((e, d, f)) * 0.1, jnp.ones((e, d, f)) * 0.1, jnp.ones((e, f, d)) * 0.1]
+  # Every token picks experts 0, 1, 2: a call of T tokens has capacity ceil(T * 3 / 8) per
+  # expert, so T - ceil(3T / 8) drops per picked expert.
+  idx = jnp.broadcast_to(jnp.array([0, 1, 2], jnp.int32), (1, 16, k))
+  w = jnp.ones((1, 16, k)) / 3
+
+  def routed(x, idx, w):
+    bb, ss, _ = x.shape
+    y, dropped = moe_dispatch.expert_ffn(x.reshape(-1, d), idx.reshape(-1, k), w.reshape(-1, k),
+                                         *ws, backend='capacity', capacity_factor=1.0)
+    return y.reshape(bb, ss, d), dropped
+
+  _, whole = routed(x, idx, w)
+  _, sliced = jax.jit(lambda *a: routed_in_slices(routed, *a, token_chunk=5, num_experts=e))(x, idx, w)
+  assert int(whole) == 3 * (16 - 6)                   # one call of 16 tokens: capacity 6
+  # Slices of 5, 5, 5 tokens (capacity 2: 3 drops per expert) and 1 token (no drops).
+  assert int(sliced) == 3 * 3 * (5 - 2)

@@ -1,5 +1,5 @@
 """Tasks on the real tiny LM: the vocabulary-chunked loss (hidden states + lm_head kernel, no
-full logits) equals the full-logits loss in value and gradients; greedy decoding from hidden
+full logits; also split over the sequence) equals the full-logits loss in value and gradients; greedy decoding from hidden
 states picks the full logits' argmax."""
 import chex
 import flax.linen as nn
@@ -20,8 +20,9 @@ def test_chunked_vocab_loss_matches_full_logits_on_the_lm():
            'positions': jnp.asarray(np.repeat([list(range(10)) + list(range(6))], b, 0), jnp.int32),
            'loss_mask': jnp.ones((b, s), jnp.int32), 'source_ids': jnp.zeros((b, s), jnp.int32)}
   out = []
-  for chunk in (0, 96):
-    c.train.loss_vocab_chunk = chunk
+  # Full logits; vocabulary slices; vocabulary and sequence slices (16 tokens in slices of 6).
+  for chunk, token_chunk in ((0, 0), (96, 0), (96, 6)):
+    c.train.loss_vocab_chunk, c.train.loss_token_chunk = chunk, token_chunk
     task = tasks.lm_task(c.model, c.train, ('a',))
     variables = nn.unbox(task.init(jax.random.PRNGKey(0)))
     params, extra = variables.pop('params'), variables
@@ -32,6 +33,7 @@ def test_chunked_vocab_loss_matches_full_logits_on_the_lm():
 
     out.append(jax.jit(jax.value_and_grad(f))(params))
   chex.assert_trees_all_close(out[0], out[1], rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(out[0], out[2], rtol=2e-5, atol=2e-6)
 
   # Greedy next token from hidden states == argmax of the full logits at the last prompt token.
   task = tasks.lm_task(c.model, c.train)
