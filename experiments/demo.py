@@ -3,7 +3,8 @@
 What `make demo` runs. Stages (steps): MoonViT CoCa pretraining with progressive resolution ->
 alignment (LM frozen) -> joint pretraining (text-only warm-up, rising image share) -> cooldown ->
 long context x4 then x16 (rope theta 50k -> 800k, 25% long needle rows) -> SFT (answers only) at
-the base and x4 context -> long-CoT SFT on the math traces. Held-out exact match on VQA,
+the base and x4 context -> long-CoT SFT on the math traces -> RL (policy mirror descent) on
+counting problems. Held-out exact match on VQA,
 counting and OCR (64 examples each, drawn like the training views: train.eval_sources) is
 measured after cooldown (pre-SFT) and after the last stage; `<workdir>/report.{json,md}` puts
 them beside each task's chance level and names the held-out data.
@@ -110,5 +111,20 @@ def get_config(arg=None):
   # sft_1's row shape (and rope theta): the two run one compiled program (train/step.py).
   s.long_cot_sft.max_patches_per_row = 448
   _fine_tune(s.long_cot_sft, steps=5, lr=1e-4, end_lr=1e-5, warmup=2,
-             mixture='math=2,shapes=1,counting=1,words=1', evals=_EVAL)
+             mixture='math=2,shapes=1,counting=1,words=1')
+  # RL (SPEC §5): counting problems drawn like the 'counting' view, 4 problems x 4 samples an
+  # iteration scored by their verifier (exact count), with the length penalty.
+  s.rl.enabled = True
+  s.rl.steps = 4
+  s.rl.global_batch = 16
+  s.rl.lr = 1e-5
+  s.rl.max_patches_per_row = 64            # one 112 px image
+  s.rl.eval = _EVAL
+  c.rl.source = 'counting'
+  c.rl.tasks = ('count',)
+  c.rl.difficulties = (0,)
+  c.rl.problems_per_difficulty = 64
+  c.rl.samples_per_prompt = 4
+  c.rl.max_response_tokens = 8
+  c.rl.length_penalty_weight = 0.1
   return c

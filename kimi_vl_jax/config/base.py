@@ -94,6 +94,26 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       strict=False,            # the first bad record raises (naming file:line) instead of skipping
   ))
 
+  # Reinforcement learning (SPEC §5; the 'rl' stage, kimi_vl_jax/rl/). tau, k and the length
+  # penalty's weight are not published: set them per experiment.
+  c.rl = ml_collections.ConfigDict(dict(
+      model='kimi_vl',           # the policy: kimi_vl | lm
+      dataset='math',            # generated dataset of the problems (its verifier scores them)
+      source='',                 # or a generated data.sources entry: its dataset and image view
+      tasks=('arithmetic', 'word_problem'),
+      difficulties=(0, 1, 2),    # the pool holds problems of each difficulty (curriculum order)
+      problems_per_difficulty=256,
+      samples_per_prompt=8,      # k responses per problem; stage global_batch = problems * k
+      tau=0.1,                   # mirror-descent regularization toward the sampling policy
+      temperature=1.0,
+      top_p=1.0,
+      max_response_tokens=64,
+      updates_per_iteration=1,   # train steps on one iteration's rollouts
+      length_penalty_weight=0.0,
+      length_penalty_warmup=0,   # iterations before the length penalty applies
+      sampling='prioritized',    # uniform | curriculum | prioritized
+  ))
+
   c.metrics = ml_collections.ConfigDict(dict(
       log_every=1,
       tensorboard=True,
@@ -104,15 +124,15 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
 
 # The curriculum of SPEC §6, in order. Each stage starts from the previous one's last checkpoint.
 STAGE_NAMES = ('vit_pretrain', 'alignment', 'joint_pretrain', 'cooldown', 'long_context_1',
-               'long_context_2', 'sft_1', 'sft_2', 'long_cot_sft')
+               'long_context_2', 'sft_1', 'sft_2', 'long_cot_sft', 'rl')
 
 
 def stage_block(**overrides) -> ml_collections.ConfigDict:
   """One stage's block (``config.stages.<name>``); 0 / -1 / '' mean "inherit from train/optim"."""
   block = dict(
       enabled=True,
-      task='kimi_vl',            # kimi_vl | lm | vit_pretrain
-      steps=0,                   # budget in optimizer steps (0: derive from tokens)
+      task='kimi_vl',            # kimi_vl | lm | vit_pretrain | rl
+      steps=0,                   # budget in optimizer steps (0: derive from tokens); rl: iterations
       tokens=0,                  # budget in (padded) tokens = steps * global_batch * seq_len
       global_batch=0,            # 0 = train.global_batch
       microbatches=0,            # gradient accumulation in this stage (0 = train.microbatches)
@@ -161,4 +181,7 @@ def stages_schema() -> ml_collections.ConfigDict:
                         loss_on='assistant', router_bias_rate=0.0),
       long_cot_sft=stage_block(rope_theta=800000.0, lr=1e-5, end_lr=1e-6, loss_on='assistant',
                                router_bias_rate=0.0),
+      # Off unless an experiment turns it on (it needs an SFT'd policy and a budget in steps).
+      rl=stage_block(enabled=False, task='rl', rope_theta=800000.0, lr=1e-6, schedule='constant',
+                     warmup_steps=0, router_bias_rate=0.0, global_batch=64),
   ))

@@ -244,7 +244,7 @@ _EXTRA_CHECKS: list[Callable] = []
 # check never depends on what the caller happened to import first (a test, a tool, main).
 # A subsystem that adds a ``@register_check`` module lists it here.
 CHECK_MODULES = ('kimi_vl_jax.data.config_check', 'kimi_vl_jax.train.stages',
-                 'kimi_vl_jax.train.evaluate')
+                 'kimi_vl_jax.train.evaluate', 'kimi_vl_jax.rl.config_check')
 
 
 def register_check(fn: Callable) -> Callable:

@@ -164,6 +164,10 @@ def compile_stages(config, topology: str, stages: Optional[Sequence[str]] = None
   devices = topology_devices(topology, chips_per_host)
   results = []
   for name in stages_lib.enabled_stages(config, stages):
+    if config.stages[name].task == 'rl':
+      # Its rows' shapes come from the rollouts (prompt + response lengths) at run time.
+      print_fn(f'{name}: not compiled (an rl stage; rl/loop.py builds its step from the rollouts)')
+      continue
     results.append(compile_stage(config, name, devices))
     print_fn(describe_result(results[-1]))
   return results

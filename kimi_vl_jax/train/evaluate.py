@@ -98,33 +98,47 @@ def _rows(prompts, seq_len: int, batch: int, patches: int = 0):
 
 
 def make_greedy(task, max_new: int, stop_id: Optional[int] = None):
-  """jit-able ``fn(params, extra, batch) -> new tokens [B, max_new]``.
+  """jit-able ``fn(params, extra, batch) -> new tokens [B, max_new]``: ``make_decoder`` at
+  temperature 0 (argmax)."""
+  decode = make_decoder(task, max_new, stop_id)
+  return lambda params, extra, batch: decode(params, extra, batch, None)
+
+
+def make_decoder(task, max_new: int, stop_id: Optional[int] = None, temperature: float = 0.0,
+                 top_p: float = 1.0):
+  """jit-able ``fn(params, extra, batch, rng) -> new tokens [B, max_new]``.
 
   ``batch``: 'tokens' [B, S] right-padded prompts, 'lens' [B], and the rows' patch buffers.
   One prefill runs the whole model (vision tower included) over the prompts and fills the
   LM's latent KV cache (``models/generate.py``); each new token is then one single-token LM
   step against that cache, instead of a full forward over the row per token.
   With ``stop_id`` the loop ends as soon as every row has produced it (answers here are a few
-  tokens of the 8 allowed), and each row reads ``stop_id`` from its first one on."""
+  tokens of the 8 allowed), and each row reads ``stop_id`` from its first one on.
+  ``temperature`` 0: argmax (``rng`` unused, may be None); else temperature + nucleus
+  (``top_p``) sampling, new token i drawn with ``fold_in(rng, i)`` (RL rollouts)."""
   model = task.model
   lm_cfg = model.config.lm if 'lm' in model.config else model.config
 
-  def next_token(variables, kernel, args, kwargs, at_b):
+  def next_token(variables, kernel, args, kwargs, at_b, rng):
     _, h, aux = tasks_lib.apply_with_hidden(model, variables, args, kwargs)
     h_b = jnp.take_along_axis(h, at_b[:, None, None], axis=1)[:, 0]
-    return jnp.argmax(h_b.astype(jnp.float32) @ kernel.astype(jnp.float32), axis=-1), aux['cache']
+    logits = h_b.astype(jnp.float32) @ kernel.astype(jnp.float32)
+    if temperature <= 0.0:
+      return jnp.argmax(logits, axis=-1), aux['cache']
+    return generate_lib.sample_logits(logits, rng, temperature, top_p), aux['cache']
 
-  def fn(params, extra, batch):
+  def fn(params, extra, batch, rng):
     variables = {'params': params, **extra}
     kernel = tasks_lib._lm_head_kernel(params)
     tokens, lens = batch['tokens'], batch['lens']
     b, s = tokens.shape
+    key = (lambda i: jax.random.fold_in(rng, i)) if temperature > 0.0 else (lambda i: None)
     pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     prefill = {k: batch[k] for k in tasks_lib.PATCH_KEYS if k in batch}
     prefill['decode_cache'] = generate_lib.init_cache(lm_cfg, b, s + max_new, lm_cfg.dtype)
     first, cache = next_token(variables, kernel,
                               (tokens, (pos < lens[:, None]).astype(jnp.int32), pos), prefill,
-                              lens - 1)
+                              lens - 1, key(0))
 
     def body(carry):
       i, cache, cur, out, done = carry
@@ -135,7 +149,7 @@ def make_greedy(task, max_new: int, stop_id: Optional[int] = None):
 
       def step(cache):
         return next_token(variables, kernel, args, {'decode_cache': cache},
-                          jnp.zeros((b,), jnp.int32))
+                          jnp.zeros((b,), jnp.int32), key(i + 1))
 
       # The token just written may be the last one wanted: then skip the model step.
       last = (i + 1 >= max_new) | jnp.all(done)

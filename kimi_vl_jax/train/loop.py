@@ -91,7 +91,11 @@ def _run_stages(config, workdir, stages, source_factory, evaluator) -> int:
   with _Preemption() as preempt:
     for name in names:
       stage = stages_lib.resolve(config, name)
-      summary = run_stage(config, stage, workdir, mesh, source_factory, preempt, evaluator)
+      if stage.task == 'rl':   # rollouts instead of a data stream (kimi_vl_jax/rl/loop.py)
+        from kimi_vl_jax.rl.loop import run_rl_stage
+        summary = run_rl_stage(config, stage, workdir, mesh, preempt, evaluator)
+      else:
+        summary = run_stage(config, stage, workdir, mesh, source_factory, preempt, evaluator)
       summaries[name] = summary
       if summary.get('interrupted') or preempt.requested:
         logging.info('SIGTERM: saved %s at step %s; exiting', name, summary.get('step', summary.get('steps')))

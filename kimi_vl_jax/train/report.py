@@ -76,13 +76,14 @@ def stage_markdown(stage_dir: str, stage: str, summary: dict) -> str:
 def run_report(workdir: str, stage_summaries: dict, accuracy_tasks: dict,
                held_out: Optional[dict] = None) -> dict:
   """The run's ``report.json`` + ``report.md``: every stage's summary, and per task the held-out
-  exact match before SFT (last pre-SFT stage with evals), after SFT (last stage) and chance;
+  exact match before SFT (last pre-SFT stage with evals), after SFT (the last SFT or RL stage
+  with evals) and chance;
   ``held_out`` ({task: text}) says which generated data each task was scored on."""
   pre = post = None
   for name, s in stage_summaries.items():
     if not s.get('eval'):
       continue
-    if name.startswith('sft') or name.startswith('long_cot'):
+    if name.startswith(('sft', 'long_cot', 'rl')):   # post-training
       post = name
     else:
       pre = name

@@ -23,7 +23,7 @@ import ml_collections
 from kimi_vl_jax.config.base import STAGE_NAMES
 from kimi_vl_jax.config.validate import ConfigError, register_check, resolve_mesh_shape
 
-TASKS = ('kimi_vl', 'lm', 'vit_pretrain')
+TASKS = ('kimi_vl', 'lm', 'vit_pretrain', 'rl')
 EVALS = ('vqa', 'ocr', 'counting', 'caption_ppl', 'needle')
 
 

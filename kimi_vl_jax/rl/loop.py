@@ -1,0 +1,190 @@
+"""The RL stage (SPEC §5, Kimi k1.5 online policy mirror descent): iterations of
+sample -> score -> update -> reset.
+
+Iteration i (``stage.steps`` iterations in all):
+1. ``sampling.ProblemSampler`` picks P = global_batch / k problems of the pool
+   (``rollout.ProblemPool``: ``rl.dataset`` / ``rl.tasks`` at ``rl.difficulties``), by
+   ``rl.sampling`` (uniform, curriculum easy-to-hard, or prioritized by 1 - success rate).
+2. The current policy pi_i samples k = ``rl.samples_per_prompt`` responses per problem
+   (``evaluate.make_decoder``: KV-cache decoding at ``rl.temperature`` / ``rl.top_p``, at most
+   ``rl.max_response_tokens``); the problem's verifier scores each (``scoring.is_correct``).
+3. Rewards: correct (0/1) plus ``rl.length_penalty_weight`` x the length penalty among the k
+   responses, from iteration ``rl.length_penalty_warmup`` on (``rewards.shaped_rewards``);
+   advantage = reward - the mean of its k.
+4. pi_i is the reference: each row's sequence log-probability under it is computed once, then
+   ``rl.updates_per_iteration`` train steps minimize the mirror-descent loss (``rl/task.py``)
+   with the stage's optimizer, microbatches and clipping (``step.make_train_step``).
+5. The optimizer state is re-initialized (jitted, sharded ``opt.init``); the sampler records
+   the successes.
+
+Metrics per iteration (``<workdir>/rl/metrics.jsonl``): reward, accuracy, response length,
+finished share, loss, log ratio; the stage checkpoint keeps the sampler's statistics, so a
+resumed stage continues where it stopped. Evals (``stage.block.eval``) run as in other stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from kimi_vl_jax.data import image_processor as ip
+from kimi_vl_jax.data import special_tokens as st
+from kimi_vl_jax.metrics.writer import MetricsWriter
+from kimi_vl_jax.parallel import sharding as shard_lib
+from kimi_vl_jax.rl import rewards as rewards_lib
+from kimi_vl_jax.rl import rollout as rollout_lib
+from kimi_vl_jax.rl.sampling import ProblemSampler
+from kimi_vl_jax.rl.task import rl_task, sequence_logp
+from kimi_vl_jax.train import checkpoint as ckpt_lib, evaluate, report, stages as stages_lib
+from kimi_vl_jax.train import state as state_lib, step as step_lib, tasks as tasks_lib
+
+
+def _dp(mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
+
+
+def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
+                 evaluator=None) -> dict:
+  """Runs (or resumes) the RL stage; returns its summary (``{'interrupted': True}`` on SIGTERM)."""
+  from kimi_vl_jax.train import loop as loop_lib        # shared stage helpers
+  from kimi_vl_jax.data.tokenizer import load_or_train
+  from kimi_vl_jax.optim import build_optimizer
+  rl, t = config.rl, config.train
+  ck = ckpt_lib.StageCheckpoints(workdir, stage.name, keep=t.keep_checkpoints,
+                                 async_save=t.async_checkpoints)
+  meta = ck.read_meta()
+  if meta and meta.get('complete'):
+    ck.close()
+    return meta.get('summary', {})
+
+  tok = load_or_train(config.data.tokenizer, config.model.lm.vocab_size, config.data.tokenizer_cache)
+  image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision,
+                                                         config.data.in_token_limit)
+  base_stage = dataclasses.replace(stage, task=rl.model)   # the policy's own task (evals)
+  base = loop_lib.build_task(config, base_stage, (), tok.token_id(st.MEDIA_PAD))
+  task = rl_task(base, t, float(rl.tau))
+  k, updates = int(rl.samples_per_prompt), int(rl.updates_per_iteration)
+  rng = jax.random.PRNGKey(t.seed + 1000 * stage.index)
+  abstract = state_lib.abstract_variables(task.init, rng)
+  opt = build_optimizer(stage.optim, abstract['params'], mesh, trainable=stage.trainable or None,
+                        total_steps=stage.steps * updates)
+  sh = state_lib.state_shardings(abstract, opt, mesh)
+  mask = (stages_lib.trainable_mask(nn.unbox(abstract)['params'], stage.trainable)
+          if stage.trainable else None)
+  step_cfg = step_lib.StepConfig(microbatches=stage.microbatches, grad_clip_norm=t.grad_clip_norm,
+                                 router_bias_rate=stage.router_bias_rate,
+                                 param_cast_dtype=t.param_cast_dtype)
+  train_step = loop_lib._LazyJit(step_lib.make_train_step(task, opt, step_cfg, mask),
+                                 sh, mesh, step_lib.step_hparams(opt, step_cfg))
+  reinit = jax.jit(opt.init, out_shardings=sh.opt_state)
+  stop_id = tok.token_id(st.IM_END)
+  max_new = int(rl.max_response_tokens)
+  decode = jax.jit(evaluate.make_decoder(base, max_new, stop_id, float(rl.temperature),
+                                         float(rl.top_p)))
+  vocab_chunk, token_chunk = int(t.get('loss_vocab_chunk', 0)), int(t.get('loss_token_chunk', 0))
+  ref_logp = jax.jit(lambda p, e, b: sequence_logp(base, p, e, b, vocab_chunk, token_chunk)[0])
+
+  pool = rollout_lib.ProblemPool.from_config(config)
+  sampler = ProblemSampler(pool.difficulty, rl.sampling, seed=t.seed)
+  start = 0
+  if ck.latest_step() is not None:
+    target = state_lib.abstract_state(sh, lambda: state_lib.create_state(
+        *state_lib.split_variables(nn.unbox(task.init(rng))), opt, rng))
+    state, meta, data_state = ck.restore(target)
+    start = int(meta['step'])
+    sampler.set_state(data_state or {})
+    logging.info('stage %s: resumed at iteration %d', stage.name, start)
+  else:
+    prev = loop_lib._prev_params(config, workdir, stage)
+    state, _ = loop_lib._init_state(task, opt, sh, rng, prev)
+
+  patches = stage.patches_per_row if rl.model == 'kimi_vl' else 0
+  problems_per_iter = stage.global_batch // k
+  stage_dir = os.path.join(workdir, stage.name)
+  writer = MetricsWriter(stage_dir, total_steps=stage.steps, tensorboard=config.metrics.tensorboard,
+                         progress=config.metrics.progress, prefix='')
+  t0, last, eval_results = time.time(), {}, {}
+  tokens_seen = int(meta.get('tokens_seen', 0)) if start else 0
+  meta_of = lambda i, complete=False: {'stage': stage.name, 'step': i, 'complete': complete,
+                                       'tokens_seen': tokens_seen}
+  try:
+    for it in range(start, stage.steps):
+      key = jax.random.fold_in(rng, it)
+      idx = sampler.sample(problems_per_iter, it, stage.steps)
+      problems = [pool.records[i] for i in idx]
+      prompts, rows = rollout_lib.prompt_rows(problems, k, tok, image_cfg, stage.seq_len,
+                                              max_new, patches)
+      rows = _pad_rows(rows, -(-len(prompts) // _dp(mesh)) * _dp(mesh))
+      with shard_lib.activation_context(mesh):
+        new = decode(state.params, state.extra, shard_lib.make_global_batch(rows, mesh), key)
+      roll = rollout_lib.collect(problems, k, prompts, np.asarray(jax.device_get(new)), tok,
+                                 stop_id)
+      active = it >= int(rl.length_penalty_warmup)
+      reward = np.asarray(rewards_lib.shaped_rewards(
+          jnp.asarray(roll.correct), jnp.asarray(roll.lengths),
+          float(rl.length_penalty_weight), active))
+      adv = reward - reward.mean(axis=1, keepdims=True)
+      host = rollout_lib.training_rows(roll, stage.seq_len, patches, stage.global_batch)
+      batch = shard_lib.make_global_batch(host, mesh)
+      with shard_lib.activation_context(mesh):
+        ref = np.asarray(jax.device_get(ref_logp(state.params, state.extra, batch)))
+      host['rl_ref_logp'] = ref.astype(np.float32)
+      host['rl_advantage'] = np.zeros((stage.global_batch,), np.float32)
+      host['rl_advantage'][:adv.size] = adv.reshape(-1)
+      batch = shard_lib.make_global_batch(host, mesh)
+      tokens_seen += tasks_lib.host_batch_tokens(host) * updates
+      for _ in range(updates):
+        state, metrics = train_step(state, batch)
+      state = state.replace(opt_state=reinit(state.params))      # pi_{i+1}: fresh optimizer
+      sampler.update(np.repeat(idx, k), roll.correct.reshape(-1))
+      m = {k_: float(v) for k_, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+      last = {'loss': m['loss'], 'reward': float(reward.mean()),
+              'accuracy': float(roll.correct.mean()),
+              'response_tokens': float(roll.lengths.mean()),
+              'finished': float(roll.finished.mean()),
+              'log_ratio': m.get('rl_log_ratio', 0.0), 'grad_norm': m['grad_norm'],
+              'length_penalty_on': float(active)}
+      writer.write(it + 1, last)
+      done = it + 1
+      if evaluator is not None and stage.block.eval_every and done % stage.block.eval_every == 0 \
+          and done < stage.steps:
+        res = evaluator(config, base_stage, base, state, mesh)
+        writer.write(done, {f'eval/{n}': v for n, v in res.items()})
+      if (t.checkpoint_every and done % t.checkpoint_every == 0 and done < stage.steps) or (
+          preempt.requested and done < stage.steps):
+        ck.save(done, state, meta_of(done), sampler.get_state())
+        if preempt.requested:
+          ck.wait()
+          return {'interrupted': True, 'step': done}
+    if evaluator is not None and stage.block.eval:
+      eval_results = evaluator(config, base_stage, base, state, mesh)
+      writer.write(stage.steps, {f'eval/{n}': v for n, v in eval_results.items()})
+    summary = {'stage': stage.name, 'steps': stage.steps, 'final_loss': last.get('loss'),
+               'final_reward': last.get('reward'), 'final_accuracy': last.get('accuracy'),
+               'tokens_seen': tokens_seen, 'wall_s': time.time() - t0, 'seq_len': stage.seq_len,
+               'eval': {n: float(v) for n, v in eval_results.items()}}
+    final = meta_of(stage.steps, complete=True)
+    final['summary'] = summary
+    ck.save(stage.steps, state, final, sampler.get_state())
+    ck.wait()
+  finally:
+    writer.close()
+    ck.close()
+  if jax.process_index() == 0:
+    report.stage_plot(stage_dir, stage.name)
+    report.stage_markdown(stage_dir, stage.name, summary)
+  return summary
+
+
+def _pad_rows(rows: dict, batch: int) -> dict:
+  """Decoder rows padded to ``batch`` (a multiple of the data-parallel size) by repeating row 0."""
+  n = rows['tokens'].shape[0]
+  if n == batch:
+    return rows
+  return {key: np.concatenate([v, np.repeat(v[:1], batch - n, axis=0)]) for key, v in rows.items()}
