@@ -12,6 +12,12 @@ covers only assistant answers and the ``<|im_end|>`` ending them. Two stages as 
 SFT: 32K context at lr 2e-5 -> 2e-6, then 128K re-warmed to 1e-5 -> 1e-6 (budgets: one epoch of
 your data; set ``--config.stages.sft_1.tokens``).
 
+Chips: the mesh is expert 8 x fsdp (the rest). ``--mode=aot`` per chip of a v5p's 95.7 GiB:
+on 16 chips (``--topology=v5p:2x2x4``) sft_1 takes 47.0 GiB and sft_2 79.3 GiB; on 8 chips
+sft_1 fits with two microbatches (90.7 GiB, ``--config.stages.sft_1.microbatches=2``), sft_2
+does not (104.4 GiB). As in kimi_vl_a3b.py, long rows use 'full' remat, the MoE routes 32K-token
+slices and the loss 16K-token slices.
+
 The released checkpoint's embeddings follow the released tokenizer (SPEC §7): point
 ``--config.data.tokenizer`` at a tokenizer model with those ids.
 """
@@ -34,13 +40,20 @@ def get_config(arg=None):
   c.train.init_from = ckpt
   c.train.global_batch = 64
   c.train.seq_len = 8192
+  # Long rows, as in kimi_vl_a3b.py: expert-parallel buffers for twice the mean load (drops
+  # are counted), 128K rows routed in 32K slices, and the loss over 16K-token slices.
+  c.model.lm.moe_capacity_factor = 2.0
+  c.model.lm.moe_token_chunk = 32768
   c.train.loss_vocab_chunk = 16384
+  c.train.loss_token_chunk = 16384
   c.train.checkpoint_every = 200
   c.data.sources = f'chat=messages:{data}@1#mm' if data else 'chat=generated:shapes@1#mm#qa'
   c.data.max_patches_per_row = 16384
   c.data.in_token_limit = 4096
   for name in c.stages:
     c.stages[name].enabled = name in ('sft_1', 'sft_2')
+  # One row per chip per microbatch on 16 chips (v5p-32: expert 8 x fsdp 2); more chips need
+  # at least one row each: raise the stages' global_batch.
   s = c.stages
   s.sft_1.tokens = 2 * 10 ** 9
   s.sft_1.seq_len_scale = 4
@@ -49,6 +62,8 @@ def get_config(arg=None):
   s.sft_1.mixture = ''
   s.sft_2.tokens = 10 ** 9
   s.sft_2.seq_len_scale = 16
-  s.sft_2.global_batch = 4
+  s.sft_2.global_batch = 16
   s.sft_2.warmup_steps = 20
+  for name in ('sft_1', 'sft_2'):
+    s[name].remat_policy = 'full'           # 32K / 128K rows: keep only layer inputs
   return c
