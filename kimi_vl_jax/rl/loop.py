@@ -144,6 +144,11 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
       state = state.replace(opt_state=reinit(state.params))      # pi_{i+1}: fresh optimizer
       sampler.update(np.repeat(idx, k), roll.correct.reshape(-1))
       m = {k_: float(v) for k_, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+      if m['nonfinite_run'] >= t.max_consecutive_nonfinite:
+        raise loop_lib.NonFiniteError(
+            f'stage {stage.name}: {int(m["nonfinite_run"])} consecutive non-finite updates '
+            f'ending in iteration {it + 1}; parameters were not updated by them; last '
+            f'checkpoint: {ck.latest_step()}')
       last = {'loss': m['loss'], 'reward': float(reward.mean()),
               'accuracy': float(roll.correct.mean()),
               'response_tokens': float(roll.lengths.mean()),
@@ -168,6 +173,7 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
     summary = {'stage': stage.name, 'steps': stage.steps, 'final_loss': last.get('loss'),
                'final_reward': last.get('reward'), 'final_accuracy': last.get('accuracy'),
                'tokens_seen': tokens_seen, 'wall_s': time.time() - t0, 'seq_len': stage.seq_len,
+               'skipped_steps': int(jax.device_get(state.skipped_total)),
                'eval': {n: float(v) for n, v in eval_results.items()}}
     final = meta_of(stage.steps, complete=True)
     final['summary'] = summary

@@ -33,9 +33,16 @@ def _rl_config(iterations=2):
   return c
 
 
+def _data_state(ck, step):
+  import orbax.checkpoint as ocp
+  out = ck.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+  return dict(out['data'])
+
+
 def test_rl_stage_runs_iterations_resets_the_optimizer_and_resumes(tmp_path):
   from kimi_vl_jax.config import validate
   config = _rl_config()
+  config.train.checkpoint_every = 1
   validate(config, num_devices=jax.device_count())
   assert loop.run_experiment(config, str(tmp_path)) == 0
   rows = [json.loads(l) for l in open(os.path.join(tmp_path, 'rl', 'metrics.jsonl'))]
@@ -59,28 +66,39 @@ def test_rl_stage_runs_iterations_resets_the_optimizer_and_resumes(tmp_path):
   # A second run finds the stage complete and does nothing.
   assert loop.run_experiment(config, str(tmp_path)) == 0
 
-
-def _data_state(ck, step):
-  import orbax.checkpoint as ocp
-  out = ck.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-  return dict(out['data'])
-
-
-def test_rl_stage_resumes_with_its_sampler_statistics(tmp_path):
-  config = _rl_config(iterations=2)
-  config.train.checkpoint_every = 1
-  assert loop.run_experiment(config, str(tmp_path)) == 0
+  # Resume: as if stopped after iteration 1. The sampler's statistics come back from the
+  # checkpoint, so iteration 2 draws the same problems as the uninterrupted run did.
   ck = ckpt_lib.StageCheckpoints(str(tmp_path), 'rl')
   first = _data_state(ck, 2)
   assert sum(first['attempts']) == 2 * 8          # 2 iterations x 4 problems x 2 samples
-  ck.manager.delete(2)                            # as if stopped after iteration 1
+  ck.manager.delete(2)
   assert ck.latest_step() == 1 and sum(_data_state(ck, 1)['attempts']) == 8
   ck.close()
   assert loop.run_experiment(config, str(tmp_path)) == 0
   ck = ckpt_lib.StageCheckpoints(str(tmp_path), 'rl')
-  again = _data_state(ck, 2)
-  meta = ck.read_meta()
+  again, meta = _data_state(ck, 2), ck.read_meta()
   ck.close()
-  assert meta['complete'] and sum(again['attempts']) == 16
-  # Iteration 2 drew the same problems: sampling is a function of (seed, iteration, statistics).
-  assert again['attempts'] == first['attempts']
+  assert meta['complete'] and again['attempts'] == first['attempts']
+
+
+def test_rl_stage_stops_on_consecutive_non_finite_updates(tmp_path, monkeypatch):
+  """A NaN objective skips the update (the step's guard) and ends the stage with the same
+  error as the other stages once train.max_consecutive_nonfinite updates in a row failed."""
+  import jax.numpy as jnp
+  from kimi_vl_jax.rl import loop as rl_loop
+  real = rl_loop.rl_task
+
+  def poisoned(base, train_cfg, tau):
+    task = real(base, train_cfg, tau)
+    def loss(params, extra, batch, rng):
+      obj, aux = task.loss(params, extra, batch, rng)
+      return obj * jnp.nan, aux
+    return task.__class__(task.name, task.init, loss, task.source_names, task.model,
+                          task.model_config)
+
+  monkeypatch.setattr(rl_loop, 'rl_task', poisoned)
+  config = _rl_config(iterations=2)
+  config.train.max_consecutive_nonfinite = 2
+  with pytest.raises(loop.NonFiniteError, match=r'rl: 2 consecutive non-finite updates ending '
+                     r'in iteration 1'):
+    loop.run_experiment(config, str(tmp_path))

@@ -33,15 +33,15 @@ def _batch(b=4, s=12, seed=0):
 
 
 @pytest.mark.parametrize('vocab_chunk', [0, 96])
-def test_sequence_logp_sums_the_response_tokens(vocab_chunk):
+def test_sequence_logp_sums_the_response_tokens(vocab_chunk):   # full logits; vocab slices
   c = base_config('tiny')
   base = tasks.lm_task(c.model, c.train)
   variables = nn.unbox(base.init(jax.random.PRNGKey(0)))
   params, extra = variables.pop('params'), variables
   batch = _batch()
-  got, _ = sequence_logp(base, params, extra, batch, vocab_chunk=vocab_chunk)
-  logits, _ = base.model.apply({'params': params, **extra}, batch['tokens'],
-                               batch['segment_ids'], batch['positions'])
+  got = jax.jit(lambda p: sequence_logp(base, p, extra, batch, vocab_chunk=vocab_chunk)[0])(params)
+  logits, _ = jax.jit(base.model.apply)({'params': params, **extra}, batch['tokens'],
+                                        batch['segment_ids'], batch['positions'])
   logp_tok = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   want = []
   for i in range(4):
@@ -69,12 +69,13 @@ def test_rl_loss_is_the_mean_per_sequence_loss_over_real_rows():
     per = objective.per_sequence_loss(logp, batch['rl_ref_logp'], batch['rl_advantage'], 0.3)
     return jnp.sum(per[:3]) / 3.0
 
-  v1, g1 = jax.value_and_grad(via_task)(params)
-  v2, g2 = jax.value_and_grad(direct)(params)
+  v1, g1 = jax.jit(jax.value_and_grad(via_task))(params)
+  v2, g2 = jax.jit(jax.value_and_grad(direct))(params)
   chex.assert_trees_all_close((v1, g1), (v2, g2), rtol=1e-5, atol=1e-6)
   # The advantage and reference are constants: only logp carries gradient.
-  g_adv = jax.grad(lambda a: task.loss(params, extra, {**batch, 'rl_advantage': a}, None)[0])(
-      batch['rl_advantage'])
+  g_adv = jax.jit(jax.grad(
+      lambda a: task.loss(params, extra, {**batch, 'rl_advantage': a}, None)[0]))(
+          batch['rl_advantage'])
   assert not np.any(np.asarray(g_adv))
 
 
