@@ -68,3 +68,8 @@ def _check_rl(config, num_devices: Optional[int] = None):
             f'rl.samples_per_prompt={rl.samples_per_prompt} samples')
     if not b.steps:
       _fail(f'stages.{name}.steps', 'an rl stage is budgeted in iterations: set steps > 0')
+    pool = rl.problems_per_difficulty * len(rl.difficulties)
+    if batch // rl.samples_per_prompt > pool:
+      _fail(f'stages.{name}.global_batch', f'{batch} rows need {batch // rl.samples_per_prompt} '
+            f'distinct problems an iteration, but the pool holds {pool} '
+            '(rl.problems_per_difficulty x rl.difficulties)')

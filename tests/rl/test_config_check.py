@@ -25,6 +25,7 @@ def _config(**rl):
     (dict(difficulties=(3,)), 'rl.difficulties', 'subset of (0, 1, 2)'),
     (dict(source='nowhere'), 'rl.source', 'not a generated entry of data.sources'),
     (dict(source='shapes'), 'rl.tasks', "not tasks of the 'shapes' dataset"),
+    (dict(problems_per_difficulty=2), 'stages.rl.global_batch', 'the pool holds 6'),
     (dict(samples_per_prompt=5), 'stages.rl.global_batch', 'rl.samples_per_prompt=5'),
 ])
 def test_rl_mistakes_name_the_key(rl, key, reason):
