@@ -56,6 +56,11 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
   from kimi_vl_jax.data.tokenizer import load_or_train
   from kimi_vl_jax.optim import build_optimizer
   rl, t = config.rl, config.train
+  if jax.process_count() > 1:
+    # Every process would build the whole rollout batch; sharding it per process and gathering
+    # the sampled tokens across hosts is not implemented.
+    raise RuntimeError(f'stage {stage.name}: the rl stage runs in one process (this job '
+                       f'has {jax.process_count()}); run it on one host')
   ck = ckpt_lib.StageCheckpoints(workdir, stage.name, keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoints)
   meta = ck.read_meta()
