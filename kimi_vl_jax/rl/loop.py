@@ -41,7 +41,7 @@ from kimi_vl_jax.rl import rewards as rewards_lib
 from kimi_vl_jax.rl import rollout as rollout_lib
 from kimi_vl_jax.rl.sampling import ProblemSampler
 from kimi_vl_jax.rl.task import rl_task, sequence_logp
-from kimi_vl_jax.train import checkpoint as ckpt_lib, evaluate, report, stages as stages_lib
+from kimi_vl_jax.train import checkpoint as ckpt_lib, evaluate, stages as stages_lib
 from kimi_vl_jax.train import state as state_lib, step as step_lib, tasks as tasks_lib
 
 
@@ -172,24 +172,18 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
         if preempt.requested:
           ck.wait()
           return {'interrupted': True, 'step': done}
-    if evaluator is not None and stage.block.eval:
-      eval_results = evaluator(config, base_stage, base, state, mesh)
-      writer.write(stage.steps, {f'eval/{n}': v for n, v in eval_results.items()})
+    eval_results = loop_lib.final_eval(evaluator, config, base_stage, base, state, mesh, writer)
     summary = {'stage': stage.name, 'steps': stage.steps, 'final_loss': last.get('loss'),
                'final_reward': last.get('reward'), 'final_accuracy': last.get('accuracy'),
                'tokens_seen': tokens_seen, 'wall_s': time.time() - t0, 'seq_len': stage.seq_len,
                'skipped_steps': int(jax.device_get(state.skipped_total)),
                'eval': {n: float(v) for n, v in eval_results.items()}}
-    final = meta_of(stage.steps, complete=True)
-    final['summary'] = summary
-    ck.save(stage.steps, state, final, sampler.get_state())
-    ck.wait()
+    loop_lib.save_final(ck, stage.steps, state, meta_of(stage.steps, complete=True), summary,
+                        sampler.get_state())
   finally:
     writer.close()
     ck.close()
-  if jax.process_index() == 0:
-    report.stage_plot(stage_dir, stage.name)
-    report.stage_markdown(stage_dir, stage.name, summary)
+  loop_lib.stage_report(stage_dir, stage.name, summary)
   return summary
 
 

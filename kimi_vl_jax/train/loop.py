@@ -396,25 +396,41 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
         return {'interrupted': True, 'step': done}
     if pending is not None:
       flush(pending)
-    if evaluator is not None and stage.block.eval:
-      eval_results = evaluator(config, stage, task, st, mesh)
-      writer.write(stage.steps, {f'eval/{k}': v for k, v in eval_results.items()})
+    eval_results = final_eval(evaluator, config, stage, task, st, mesh, writer)
     summary = {'stage': stage.name, 'steps': stage.steps, 'final_loss': last_loss,
                'tokens_seen': tokens_seen, 'wall_s': time.time() - t_stage,
                'skipped_steps': int(jax.device_get(st.skipped_total)),
                'seq_len': stage.seq_len, 'rope_theta': float(stage.model.lm.rope_theta),
                'eval': {k: float(v) for k, v in eval_results.items()}}
-    final_meta = meta_of(stage.steps, complete=True)
-    final_meta['summary'] = summary
-    ck.save(stage.steps, st, final_meta, source.get_state())
-    ck.wait()
+    save_final(ck, stage.steps, st, meta_of(stage.steps, complete=True), summary,
+               source.get_state())
   finally:
     source.close()
     if profiling:
       jax.profiler.stop_trace()
     writer.close()
     ck.close()
-  if jax.process_index() == 0:
-    report.stage_plot(stage_dir, stage.name)
-    report.stage_markdown(stage_dir, stage.name, summary)
+  stage_report(stage_dir, stage.name, summary)
   return summary
+
+
+def final_eval(evaluator, config, stage, task, state, mesh, writer) -> dict:
+  """The stage-end evals (``stage.block.eval``), written at the last step; {} without any."""
+  if evaluator is None or not stage.block.eval:
+    return {}
+  results = evaluator(config, stage, task, state, mesh)
+  writer.write(stage.steps, {f'eval/{k}': v for k, v in results.items()})
+  return results
+
+
+def save_final(ck, step: int, state, meta: dict, summary: dict, data_state) -> None:
+  """Saves the stage's last checkpoint, marked complete with its summary, and waits for it."""
+  ck.save(step, state, {**meta, 'summary': summary}, data_state)
+  ck.wait()
+
+
+def stage_report(stage_dir: str, name: str, summary: dict) -> None:
+  """The stage's curves plot and report.md (process 0)."""
+  if jax.process_index() == 0:
+    report.stage_plot(stage_dir, name)
+    report.stage_markdown(stage_dir, name, summary)
