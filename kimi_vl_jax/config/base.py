@@ -96,13 +96,19 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
 
   # Reinforcement learning (SPEC §5; the 'rl' stage, kimi_vl_jax/rl/). tau, k and the length
   # penalty's weight are not published: set them per experiment.
+  # User problems: rl.problems names JSONL files (a path, glob or comma-separated list), one
+  # chat problem a line with "answer", "verifier" (exact | numeric | choice | click) and an
+  # integer "difficulty" (format: kimi_vl_jax/rl/problems.py). When set, it replaces the
+  # generated pool: dataset/source/tasks are ignored, difficulties keeps the lines with those
+  # labels, and problems_per_difficulty is the most taken of each (first in file order).
   c.rl = ml_collections.ConfigDict(dict(
       model='kimi_vl',           # the policy: kimi_vl | lm
+      problems='',               # user problems (JSONL path/glob/list); '' = generated ones
       dataset='math',            # generated dataset of the problems (its verifier scores them)
       source='',                 # or a generated data.sources entry: its dataset and image view
       tasks=('arithmetic', 'word_problem'),
       difficulties=(0, 1, 2),    # the pool holds problems of each difficulty (curriculum order)
-      problems_per_difficulty=256,
+      problems_per_difficulty=256,   # generated: exactly this many each; rl.problems: at most
       samples_per_prompt=8,      # k responses per problem; stage global_batch = problems * k
       tau=0.1,                   # mirror-descent regularization toward the sampling policy
       temperature=1.0,

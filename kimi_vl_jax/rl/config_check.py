@@ -39,7 +39,33 @@ def _check_rl(config, num_devices: Optional[int] = None):
     _fail('rl.top_p', f'must be in (0, 1], got {rl.top_p!r}')
   if rl.length_penalty_weight < 0:
     _fail('rl.length_penalty_weight', f'must be >= 0, got {rl.length_penalty_weight!r}')
+  problems = rl.get('problems', '')
+  if not isinstance(problems, str):
+    _fail('rl.problems', f'must be a JSONL path, glob or comma-separated list, got {problems!r}')
+  if problems.strip():
+    _check_problems(config, problems)
+  else:
+    _check_generated(config)
+  _check_stages(config, bool(problems.strip()))
+
+
+def _check_problems(config, problems: str):
+  """User problems replace the generated pool: rl.dataset/source/tasks are not read."""
+  from kimi_vl_jax.data.sources.base import expand_paths
+  rl = config.rl
+  try:
+    expand_paths(problems)
+  except FileNotFoundError as e:
+    _fail('rl.problems', f'{e} (a JSONL path, glob or comma-separated list of user problems)')
+  if not rl.difficulties or any(isinstance(d, bool) or not isinstance(d, int)
+                                for d in rl.difficulties):
+    _fail('rl.difficulties', 'must be a non-empty tuple of integers (the problems\' "difficulty" '
+          f'labels to keep), got {tuple(rl.difficulties)}')
+
+
+def _check_generated(config):
   from kimi_vl_jax.data.generated import DATASETS, TASK_TO_DATASET
+  rl = config.rl
   dataset = rl.dataset
   if rl.source:
     from kimi_vl_jax.data.mixture import generated_views
@@ -58,6 +84,10 @@ def _check_rl(config, num_devices: Optional[int] = None):
     _fail('rl.tasks', f'{bad or "()"}: not tasks of the {dataset!r} dataset')
   if any(d not in (0, 1, 2) for d in rl.difficulties) or not rl.difficulties:
     _fail('rl.difficulties', f'must be a non-empty subset of (0, 1, 2), got {tuple(rl.difficulties)}')
+
+
+def _check_stages(config, user_problems: bool):
+  rl = config.rl
   for name in config.stages:
     b = config.stages[name]
     if not b.enabled or b.task != 'rl':
@@ -68,8 +98,12 @@ def _check_rl(config, num_devices: Optional[int] = None):
             f'rl.samples_per_prompt={rl.samples_per_prompt} samples')
     if not b.steps:
       _fail(f'stages.{name}.steps', 'an rl stage is budgeted in iterations: set steps > 0')
+    # A generated pool holds exactly problems_per_difficulty of each difficulty; a user pool
+    # (rl.problems) at most that, its real size is checked when it is built
+    # (ProblemPool.check_fits), as counting it here would parse every file.
     pool = rl.problems_per_difficulty * len(rl.difficulties)
     if batch // rl.samples_per_prompt > pool:
       _fail(f'stages.{name}.global_batch', f'{batch} rows need {batch // rl.samples_per_prompt} '
-            f'distinct problems an iteration, but the pool holds {pool} '
+            f'distinct problems an iteration, but the pool holds '
+            f'{"at most " if user_problems else ""}{pool} '
             '(rl.problems_per_difficulty x rl.difficulties)')

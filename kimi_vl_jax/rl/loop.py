@@ -3,7 +3,8 @@ sample -> score -> update -> reset.
 
 Iteration i (``stage.steps`` iterations in all):
 1. ``sampling.ProblemSampler`` picks P = global_batch / k problems of the pool
-   (``rollout.ProblemPool``: ``rl.dataset`` / ``rl.tasks`` at ``rl.difficulties``), by
+   (``rollout.ProblemPool``: the user problems of ``rl.problems`` (``rl/problems.py``), else
+   generated ones of ``rl.dataset`` / ``rl.tasks``; at ``rl.difficulties``), by
    ``rl.sampling`` (uniform, curriculum easy-to-hard, or prioritized by 1 - success rate).
 2. The current policy pi_i samples k = ``rl.samples_per_prompt`` responses per problem
    (``evaluate.make_decoder``: KV-cache decoding at ``rl.temperature`` / ``rl.top_p``, at most
@@ -67,6 +68,14 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
   if meta and meta.get('complete'):
     ck.close()
     return meta.get('summary', {})
+  # The pool first: a bad problem line or a pool too small for the batch fails before any
+  # compile.
+  try:
+    pool = rollout_lib.ProblemPool.from_config(config)
+    pool.check_fits(stage.name, stage.global_batch, int(rl.samples_per_prompt))
+  except Exception:
+    ck.close()
+    raise
 
   tok = load_or_train(config.data.tokenizer, config.model.lm.vocab_size, config.data.tokenizer_cache)
   image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision,
@@ -95,7 +104,6 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
   vocab_chunk, token_chunk = int(t.get('loss_vocab_chunk', 0)), int(t.get('loss_token_chunk', 0))
   ref_logp = jax.jit(lambda p, e, b: sequence_logp(base, p, e, b, vocab_chunk, token_chunk)[0])
 
-  pool = rollout_lib.ProblemPool.from_config(config)
   sampler = ProblemSampler(pool.difficulty, rl.sampling, seed=t.seed)
   start = 0
   if ck.latest_step() is not None:

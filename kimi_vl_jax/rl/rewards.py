@@ -1,7 +1,7 @@
 """Rewards for the RL stage: a verifier's 0/1 correctness plus the k1.5 length penalty.
 
 The verifier is the problem's own (``data/generated/scoring.is_correct``: exact match, numeric
-``verify``, click-in-box); this module shapes its verdicts.
+``verify``, click-in-box, or a user problem's multiple choice); this module shapes its verdicts.
 
 Shapes: ``P`` prompts, ``k`` sampled responses per prompt; ``len_pk`` counts response tokens
 (int or float), ``correct_pk`` is the verifier's verdict in {0, 1} (bool or float). Rewards are

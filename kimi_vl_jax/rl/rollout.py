@@ -1,7 +1,8 @@
 """RL rollouts on the host: problems -> prompt rows -> sampled responses -> training rows.
 
-A problem is a generated chat record with a verifiable answer (``data/generated``: its last
-message is the reference answer, ``scoring.is_correct`` the verifier). One iteration takes P
+A problem is a chat record with a verifiable answer: a generated one (``data/generated``) or a
+user's (``rl.problems``, ``rl/problems.py``); either way its last message is the reference
+answer and ``scoring.is_correct`` the verifier. One iteration takes P
 problems, repeats each prompt k times (rows p*k .. p*k+k-1), samples the responses with the
 current policy (``evaluate.make_decoder`` at the RL temperature), and turns each (prompt,
 response) into one training row: tokens = prompt ids + response ids (up to and including
@@ -16,20 +17,30 @@ import numpy as np
 
 from kimi_vl_jax.data import patch_packing
 from kimi_vl_jax.data.generated import get_dataset, is_correct
+from kimi_vl_jax.rl import problems as problems_lib
 from kimi_vl_jax.train import evaluate
 
 
 @dataclasses.dataclass
 class ProblemPool:
-  """Problems of ``rl.dataset`` / ``rl.tasks`` at each of ``rl.difficulties`` (train split)."""
+  """The user problems of ``rl.problems`` when set, else the generated problems of
+  ``rl.dataset`` / ``rl.tasks`` (train split); either at each of ``rl.difficulties``."""
   records: list
-  difficulty: np.ndarray        # [N] int: the generator's difficulty label (curriculum order)
+  difficulty: np.ndarray        # [N] int: the difficulty label (curriculum order)
 
   @classmethod
   def from_config(cls, config) -> 'ProblemPool':
-    """Images are drawn like the ``data.sources`` view ``rl.source`` names (its dataset and
-    layout options; ``rl.tasks`` picks the tasks), else at most ``train.image_max_side``."""
+    """``rl.problems``: the JSONL problems whose difficulty is in ``rl.difficulties``, at most
+    ``rl.problems_per_difficulty`` of each (``problems.load_pool``; a bad line raises).
+    Generated: exactly ``rl.problems_per_difficulty`` of each difficulty; images are drawn like
+    the ``data.sources`` view ``rl.source`` names (its dataset and layout options; ``rl.tasks``
+    picks the tasks), else at most ``train.image_max_side``."""
     rl = config.rl
+    if rl.get('problems', ''):
+      records, difficulty = problems_lib.load_pool(
+          rl.problems, tuple(rl.difficulties), int(rl.problems_per_difficulty),
+          text_only=rl.model == 'lm')
+      return cls(records, difficulty)
     dataset, view = problem_view(config)
     records, difficulty = [], []
     for d in rl.difficulties:
@@ -38,6 +49,17 @@ class ProblemPool:
       records += [ds[i] for i in range(int(rl.problems_per_difficulty))]
       difficulty += [int(d)] * int(rl.problems_per_difficulty)
     return cls(records, np.asarray(difficulty, np.int32))
+
+  def check_fits(self, stage_name: str, global_batch: int, k: int) -> None:
+    """An iteration's ``global_batch // k`` distinct problems must fit the pool (the config
+    check can only bound a user pool's size; its real size is known here)."""
+    from kimi_vl_jax.config.validate import ConfigError
+    need = global_batch // k
+    if need > len(self.records):
+      raise ConfigError(f'config.stages.{stage_name}.global_batch: {global_batch} rows need '
+                        f'{need} distinct problems an iteration, but the pool holds '
+                        f'{len(self.records)} (rl.problems filtered by rl.difficulties, at most '
+                        'rl.problems_per_difficulty each)')
 
 
 def problem_view(config) -> tuple[str, dict]:

@@ -43,3 +43,32 @@ def test_rl_stage_needs_iterations():
 
 def test_valid_rl_config_passes():
   validate(_config(), num_devices=8)
+
+
+def _problems_file(tmp_path):
+  path = tmp_path / 'problems.jsonl'
+  path.write_text('{"messages": [{"role": "user", "content": "2 + 2?"}], "answer": "4"}\n')
+  return str(path)
+
+
+def test_rl_problems_must_match_a_file(tmp_path):
+  c = _config(problems=str(tmp_path / 'missing' / '*.jsonl'))
+  with pytest.raises(ConfigError) as info:
+    validate(c, num_devices=8)
+  msg = str(info.value)
+  assert msg.startswith('config.rl.problems: no files match') and 'missing' in msg, msg
+
+
+def test_rl_problems_replace_the_generated_settings(tmp_path):
+  """With rl.problems, the generated pool's keys are not read and difficulties are any labels;
+  the pool-size check can only use its upper bound (the real size is checked at build)."""
+  path = _problems_file(tmp_path)
+  validate(_config(problems=path, dataset='imagenet', source='nowhere', tasks=('count',),
+                   difficulties=(0, 7)), num_devices=8)
+  validate(_config(problems=f'{tmp_path}/*.jsonl,{path}'), num_devices=8)
+  with pytest.raises(ConfigError, match=r'^config\.rl\.difficulties: must be a non-empty tuple'):
+    validate(_config(problems=path, difficulties=()), num_devices=8)
+  with pytest.raises(ConfigError, match=r'^config\.stages\.rl\.global_batch: .*the pool holds at '
+                     r'most 2 \(rl\.problems_per_difficulty x rl\.difficulties\)'):
+    validate(_config(problems=path, difficulties=(0, 1), problems_per_difficulty=1),
+             num_devices=8)
