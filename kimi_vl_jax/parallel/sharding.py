@@ -1,4 +1,5 @@
-"""Logical annotations -> NamedSharding, for parameter trees and for batches."""
+"""Logical annotations -> NamedSharding, for parameter trees and for batches; host batches to
+global arrays and sharded results back to the host, on one process or many."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,7 @@ from typing import Any, Iterator, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kimi_vl_jax.parallel.rules import LOGICAL_AXIS_RULES
@@ -101,6 +103,39 @@ def make_global_batch(local_batch: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) ->
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x), rules), x),
       local_batch)
+
+
+def make_global_batch_from_full(full_batch: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """Global jax.Arrays sharded by batch from host arrays that every process holds in full.
+
+  ``full_batch``: a tree of host arrays [B, ...], identical on every process, B a multiple of
+  the data-parallel size. Each process supplies exactly the rows its own devices hold
+  (``x[index]`` of each addressable shard's global index), whatever the mesh's device order.
+  On one process the result equals ``make_global_batch`` of the same data. For host data that
+  every process computes identically (the RL rollouts, ``rl/loop.py``); ``make_global_batch``
+  is for data each process reads its own slice of (the trainer's sources).
+  """
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim, rules),
+                                        lambda index: x[index])
+  return jax.tree.map(one, full_batch)
+
+
+def gather_to_host(tree: Any) -> Any:
+  """Device results as host numpy arrays of their full global value, on every process.
+
+  An array sharded across processes (e.g. sampled tokens [B, T] split by batch) is all-gathered
+  (``multihost_utils.process_allgather(tiled=True)``: a collective, so every process must call
+  this for the same arrays in the same order); replicated and process-local arrays are copied
+  as ``jax.device_get`` would, without communication. On one process this is
+  ``np.asarray(jax.device_get(x))`` per leaf.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
 
 
 @contextlib.contextmanager

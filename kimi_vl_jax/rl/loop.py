@@ -21,6 +21,16 @@ Iteration i (``stage.steps`` iterations in all):
 Metrics per iteration (``<workdir>/rl/metrics.jsonl``): reward, accuracy, response length,
 finished share, loss, log ratio; the stage checkpoint keeps the sampler's statistics, so a
 resumed stage continues where it stopped. Evals (``stage.block.eval``) run as in other stages.
+
+Multi-process jobs (``jax.distributed``): every process computes the same host-side rollout
+data (pool, sampler and its seed, tokenizer, prompt and training rows are deterministic), turns
+it into global arrays (``sharding.make_global_batch_from_full``: each process supplies the rows
+its devices hold), runs the decoder, reference log-probs and train steps sharded over the
+global mesh, and all-gathers the device results it reads on the host
+(``sharding.gather_to_host``), so every process scores the same responses and updates the
+sampler identically. Only process 0 writes metrics and reports (``MetricsWriter``,
+``loop.stage_report``); Orbax coordinates the checkpoint, whose sampler statistics (a JSON
+item) are the same on every process by that determinism.
 """
 from __future__ import annotations
 
@@ -57,11 +67,6 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
   from kimi_vl_jax.data.tokenizer import load_or_train
   from kimi_vl_jax.optim import build_optimizer
   rl, t = config.rl, config.train
-  if jax.process_count() > 1:
-    # Every process would build the whole rollout batch; sharding it per process and gathering
-    # the sampled tokens across hosts is not implemented.
-    raise RuntimeError(f'stage {stage.name}: the rl stage runs in one process (this job '
-                       f'has {jax.process_count()}); run it on one host')
   ck = ckpt_lib.StageCheckpoints(workdir, stage.name, keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoints)
   meta = ck.read_meta()
@@ -134,29 +139,31 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
       prompts, rows = rollout_lib.prompt_rows(problems, k, tok, image_cfg, stage.seq_len,
                                               max_new, patches)
       rows = _pad_rows(rows, -(-len(prompts) // _dp(mesh)) * _dp(mesh))
+      # Every process holds all rows (and gets all sampled tokens back): the host side of the
+      # iteration is the same on every process of a multi-process job.
       with shard_lib.activation_context(mesh):
-        new = decode(state.params, state.extra, shard_lib.make_global_batch(rows, mesh), key)
-      roll = rollout_lib.collect(problems, k, prompts, np.asarray(jax.device_get(new)), tok,
-                                 stop_id)
+        new = decode(state.params, state.extra, shard_lib.make_global_batch_from_full(rows, mesh),
+                     key)
+      roll = rollout_lib.collect(problems, k, prompts, shard_lib.gather_to_host(new), tok, stop_id)
       active = it >= int(rl.length_penalty_warmup)
       reward = np.asarray(rewards_lib.shaped_rewards(
           jnp.asarray(roll.correct), jnp.asarray(roll.lengths),
           float(rl.length_penalty_weight), active))
       adv = reward - reward.mean(axis=1, keepdims=True)
       host = rollout_lib.training_rows(roll, stage.seq_len, patches, stage.global_batch)
-      batch = shard_lib.make_global_batch(host, mesh)
+      batch = shard_lib.make_global_batch_from_full(host, mesh)
       with shard_lib.activation_context(mesh):
-        ref = np.asarray(jax.device_get(ref_logp(state.params, state.extra, batch)))
+        ref = shard_lib.gather_to_host(ref_logp(state.params, state.extra, batch))
       host['rl_ref_logp'] = ref.astype(np.float32)
       host['rl_advantage'] = np.zeros((stage.global_batch,), np.float32)
       host['rl_advantage'][:adv.size] = adv.reshape(-1)
-      batch = shard_lib.make_global_batch(host, mesh)
-      tokens_seen += tasks_lib.host_batch_tokens(host) * updates
+      batch = shard_lib.make_global_batch_from_full(host, mesh)
+      tokens_seen += tasks_lib.host_batch_tokens(host) * updates   # host: the whole batch
       for _ in range(updates):
         state, metrics = train_step(state, batch)
       state = state.replace(opt_state=reinit(state.params))      # pi_{i+1}: fresh optimizer
       sampler.update(np.repeat(idx, k), roll.correct.reshape(-1))
-      m = {k_: float(v) for k_, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+      m = {k_: float(v) for k_, v in shard_lib.gather_to_host(metrics).items() if np.ndim(v) == 0}
       if m['nonfinite_run'] >= t.max_consecutive_nonfinite:
         raise loop_lib.NonFiniteError(
             f'stage {stage.name}: {int(m["nonfinite_run"])} consecutive non-finite updates '
@@ -176,6 +183,7 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
         writer.write(done, {f'eval/{n}': v for n, v in res.items()})
       if (t.checkpoint_every and done % t.checkpoint_every == 0 and done < stage.steps) or (
           preempt.requested and done < stage.steps):
+        # Orbax writes the JSON items once; the sampler state is the same on every process.
         ck.save(done, state, meta_of(done), sampler.get_state())
         if preempt.requested:
           ck.wait()
@@ -184,7 +192,7 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
     summary = {'stage': stage.name, 'steps': stage.steps, 'final_loss': last.get('loss'),
                'final_reward': last.get('reward'), 'final_accuracy': last.get('accuracy'),
                'tokens_seen': tokens_seen, 'wall_s': time.time() - t0, 'seq_len': stage.seq_len,
-               'skipped_steps': int(jax.device_get(state.skipped_total)),
+               'skipped_steps': int(shard_lib.gather_to_host(state.skipped_total)),
                'eval': {n: float(v) for n, v in eval_results.items()}}
     loop_lib.save_final(ck, stage.steps, state, meta_of(stage.steps, complete=True), summary,
                         sampler.get_state())

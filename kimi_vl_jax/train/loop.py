@@ -100,8 +100,12 @@ def _run_stages(config, workdir, stages, source_factory, evaluator) -> int:
       if summary.get('interrupted') or preempt.requested:
         logging.info('SIGTERM: saved %s at step %s; exiting', name, summary.get('step', summary.get('steps')))
         return 0
-      if jax.process_index() == 0:   # refreshed after every stage: a partial run has a report
-        write_run_report(workdir, config)
+      # Refreshed after every stage: a partial run has a report. Every process reads the
+      # summaries (opening a stage's Orbax manager is a barrier across processes); process 0
+      # writes the files.
+      completed = collect_summaries(workdir)
+      if jax.process_index() == 0:
+        write_run_report(workdir, config, completed)
   return 0
 
 
@@ -129,16 +133,19 @@ def compilation_cache(setting: str, workdir: str):
     point_at(before)
 
 
-def write_run_report(workdir: str, config=None) -> dict:
-  """``report.{json,md}`` from the completed stages' checkpoint metadata in ``workdir``; with
-  ``config``, each task also names the held-out data it was scored on."""
+def write_run_report(workdir: str, config=None, summaries: Optional[dict] = None) -> dict:
+  """``report.{json,md}`` from the completed stages' checkpoint metadata in ``workdir`` (or
+  ``summaries``, ``collect_summaries``'s result); with ``config``, each task also names the
+  held-out data it was scored on."""
   from kimi_vl_jax.train import evaluate
   held_out = None if config is None else evaluate.held_out_descriptions(config)
-  return report.run_report(workdir, collect_summaries(workdir), evaluate.CHANCE, held_out)
+  summaries = collect_summaries(workdir) if summaries is None else summaries
+  return report.run_report(workdir, summaries, evaluate.CHANCE, held_out)
 
 
 def collect_summaries(workdir: str) -> dict:
-  """{stage: summary} of every stage (curriculum order) with a completed checkpoint."""
+  """{stage: summary} of every stage (curriculum order) with a completed checkpoint. In a
+  multi-process job every process must call it (Orbax managers synchronize the processes)."""
   out = {}
   for name in stages_lib.STAGE_NAMES:
     if not os.path.isdir(ckpt_lib.stage_dir(workdir, name)):

@@ -231,3 +231,45 @@ def test_a_repeated_logical_name_shards_only_its_first_dim():
   assert out['pos'].spec == P(None, None, 'fsdp')
   assert out['raw'].spec == P('tensor', None)
   assert _padded(out['plain'].spec, 1) == (None,)
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_a_full_host_batch_becomes_the_same_global_batch(case):
+  """Every process holding the whole batch (the RL rollouts) gives what per-process slices
+  give; on one process the slice is the whole batch, so the two must agree exactly."""
+  sizes, _, _ = CASES[case]
+  mesh = _mesh(sizes)
+  patches = np.random.default_rng(1).normal(size=(16, 5, 12)).astype(np.float32)
+  host = {'tokens': TOKENS.astype(np.int32), 'patches': patches,
+          'weight': np.linspace(0, 1, 16, dtype=np.float32)}
+  full = sharding.make_global_batch_from_full(host, mesh)
+  ref = sharding.make_global_batch(host, mesh)
+  for name, x in host.items():
+    assert full[name].shape == x.shape and full[name].dtype == x.dtype
+    assert full[name].sharding == ref[name].sharding, name
+    got = {s.device: np.asarray(s.data) for s in full[name].addressable_shards}
+    for s in ref[name].addressable_shards:
+      np.testing.assert_array_equal(got[s.device], np.asarray(s.data))
+      np.testing.assert_array_equal(got[s.device], x[s.index])
+
+
+def test_a_full_host_batch_follows_any_device_order():
+  """The rows a device gets come from its place in the mesh, not from the device list."""
+  devices = np.asarray(jax.devices()[::-1][:8]).reshape(4, 2, 1, 1)   # a permuted mesh
+  mesh = jax.sharding.Mesh(devices, ('data', 'fsdp', 'expert', 'tensor'))
+  x = np.arange(16 * 3, dtype=np.int32).reshape(16, 3)
+  out = sharding.make_global_batch_from_full({'x': x}, mesh)['x']
+  for s in out.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(s.data), x[s.index])
+  np.testing.assert_array_equal(sharding.gather_to_host(out), x)
+
+
+def test_gather_to_host_on_one_process_is_device_get():
+  mesh = _mesh(dict(data=4, fsdp=2, expert=1, tensor=1))
+  x = np.arange(16 * 6, dtype=np.float32).reshape(16, 6)
+  tree = {'sharded': sharding.make_global_batch_from_full(x, mesh),
+          'scalar': jnp.float32(2.5), 'host': np.ones((2,), np.int32)}
+  out = sharding.gather_to_host(tree)
+  np.testing.assert_array_equal(out['sharded'], x)
+  assert isinstance(out['sharded'], np.ndarray) and out['scalar'] == 2.5
+  assert out['scalar'].shape == () and out['host'].dtype == np.int32

@@ -1,0 +1,61 @@
+"""One process of test_multiprocess.py's RL stage run (run as a script: ``worker WORKDIR OUT``).
+
+Environment (set by the test, as a launcher would): KVJ_COORDINATOR, KVJ_NUM_PROCESSES,
+KVJ_PROCESS_ID, KVJ_CPU_COLLECTIVES=gloo and XLA_FLAGS with 4 host devices per process; without
+KVJ_COORDINATOR it runs the same stage in one process (the test's reference run).
+
+Runs test_loop's tiny RL stage (2 iterations, a checkpoint after each) and writes OUT (JSON):
+each iteration's host-side rollout (the problems' prompt ids, sampled tokens, verdicts,
+lengths) and every value the loop gathered from the devices (``sharding.gather_to_host``:
+sampled tokens, reference log-probs, metrics) and the final checkpoint's step and optimizer
+state as ``restore_raw`` reads them; every process must write the same ones.
+"""
+import json
+import os
+import sys
+
+if __name__ == '__main__':
+  workdir, out_path = sys.argv[1], sys.argv[2]
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from kimi_vl_jax.parallel import distributed
+  distributed.initialize()     # before anything touches a backend
+  import jax
+  import numpy as np
+  from test_loop import _rl_config   # the config of the single-process RL tests
+
+  from kimi_vl_jax.config import validate
+  from kimi_vl_jax.parallel import sharding as shard_lib
+  from kimi_vl_jax.rl import rollout as rollout_lib
+  from kimi_vl_jax.train import checkpoint as ckpt_lib, loop
+
+  gathered, rollouts = [], []
+  real_gather, real_collect = shard_lib.gather_to_host, rollout_lib.collect
+
+  def gather(tree):
+    out = real_gather(tree)
+    gathered.append(jax.tree.map(lambda x: np.asarray(x).tolist(), out))
+    return out
+
+  def collect(problems, k, prompts, new_tokens, tok, stop_id):
+    roll = real_collect(problems, k, prompts, new_tokens, tok, stop_id)
+    rollouts.append({'prompt_ids': [list(map(int, ids)) for ids, _ in prompts],
+                     'tokens': np.asarray(new_tokens).tolist(),
+                     'correct': roll.correct.tolist(), 'lengths': roll.lengths.tolist()})
+    return roll
+
+  shard_lib.gather_to_host, rollout_lib.collect = gather, collect
+  config = _rl_config(iterations=2)
+  config.train.checkpoint_every = 1
+  validate(config, num_devices=jax.device_count())
+  rc = loop.run_experiment(config, workdir)
+  # The final state read back as the next stage would. Every process reads (Orbax synchronizes
+  # them); in a multi-process job the arrays come back sharded as saved, so they are gathered.
+  ck = ckpt_lib.StageCheckpoints(workdir, 'rl')
+  raw = real_gather(ck.restore_raw())
+  ck.close()
+  final = {'step': int(raw['step']),
+           'opt_state_zero': all(bool(np.all(x == 0)) for x in jax.tree.leaves(raw['opt_state']))}
+  with open(out_path, 'w') as f:
+    json.dump({'rc': rc, 'process': jax.process_index(), 'count': jax.process_count(),
+               'devices': jax.device_count(), 'rollouts': rollouts, 'gathered': gathered,
+               'final': final}, f)
