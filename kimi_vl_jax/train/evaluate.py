@@ -275,10 +275,10 @@ class Evaluator:
     key = (stage.name, id(task), id(tok))   # jit keeps one executable per row shape
     if key not in self._cache:
       self._cache = {key: jax.jit(make_greedy(task, self.max_new, tok.token_id(st.IM_END)))}
-    host = {k: v for k, v in rows.items()}
-    dev = shard_lib.make_global_batch(host, mesh)
+    # Every process builds all rows and reads back all sampled tokens (multi-process jobs).
+    dev = shard_lib.make_global_batch_from_full(dict(rows), mesh)
     with shard_lib.activation_context(mesh):
-      new = np.asarray(jax.device_get(self._cache[key](state.params, state.extra, dev)))
+      new = shard_lib.gather_to_host(self._cache[key](state.params, state.extra, dev))
     end = tok.token_id(st.IM_END)
     texts = []
     for row in new[:len(records)]:
@@ -317,8 +317,9 @@ class Evaluator:
       self._cache[key] = jax.jit(lambda p, e, b: task.loss(p, e, b, None))
     with shard_lib.activation_context(mesh):
       obj, aux = self._cache[key](state.params, state.extra,
-                                  shard_lib.make_global_batch(batch, mesh))
-    return float(np.exp(float(obj) / max(float(aux['sums']['denom']), 1.0)))
+                                  shard_lib.make_global_batch_from_full(batch, mesh))
+    obj, denom = shard_lib.gather_to_host((obj, aux['sums']['denom']))
+    return float(np.exp(float(obj) / max(float(denom), 1.0)))
 
 
 def default_evaluator(config) -> Optional[Evaluator]:

@@ -46,6 +46,12 @@ if __name__ == '__main__':
   shard_lib.gather_to_host, rollout_lib.collect = gather, collect
   config = _rl_config(iterations=2)
   config.train.checkpoint_every = 1
+  # The stage's final evals run in every process too: greedy decoding (the 'needle' set pointed
+  # at short text-only arithmetic problems, which the tiny LM's rows hold) and caption perplexity.
+  from kimi_vl_jax.train import evaluate
+  evaluate.EXACT_MATCH_SETS['needle'] = ('math', ('arithmetic',))
+  config.stages.rl.eval = ('needle', 'caption_ppl')
+  config.train.eval_examples = 4
   validate(config, num_devices=jax.device_count())
   rc = loop.run_experiment(config, workdir)
   # The final state read back as the next stage would. Every process reads (Orbax synchronizes

@@ -90,6 +90,10 @@ def test_rl_stage_in_two_processes(two_process_run):
     assert r['accuracy'] == pytest.approx(np.mean(roll['correct']))
     assert r['response_tokens'] == pytest.approx(np.mean(roll['lengths']))
   assert os.path.exists(run / 'rl' / 'report.md') and os.path.exists(run / 'report.json')
+  # The final evals ran across both processes (greedy decoding gathers the sampled tokens).
+  evals = [r for r in read_jsonl(str(run / 'rl' / 'metrics.jsonl')) if 'eval/caption_ppl' in r]
+  assert len(evals) == 1 and np.isfinite(evals[0]['eval/caption_ppl'])
+  assert 0.0 <= evals[0]['eval/exact_match/needle'] <= 1.0
 
   # The final checkpoint: complete, with the sampler's record of every attempt; its state
   # (read back by the workers) took every update and ends with a fresh optimizer state.
