@@ -18,8 +18,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+# Two pytest workers, whole files each (module fixtures are built once): one worker leaves a
+# core idle while XLA compiles, which is most of the suite's time. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q tests
+	JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q \
+	  $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 demo: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/python -m kimi_vl_jax.main --config=$(CONFIG) --workdir=$(WORKDIR) --mode=train
