@@ -209,8 +209,10 @@ def _init_state(task, opt, sh, rng, prev):
   st = jax.jit(make, out_shardings=sh)()
   if prev is None:
     return st, []
-  params, copied = stages_lib.transfer_params(prev[0], jax.device_get(st.params))
-  extra, _ = stages_lib.transfer_params(prev[1], jax.device_get(st.extra))
+  # Fresh tensors stay where the init put them (never fetched to the host: in a multi-process
+  # job a sharded tensor cannot be, and a whole model need not be); copied ones are placed.
+  params, copied = stages_lib.transfer_params(prev[0], st.params)
+  extra, _ = stages_lib.transfer_params(prev[1], st.extra)
   params = jax.device_put(params, sh.params)
   extra = jax.device_put(extra, sh.extra)
   return st.replace(params=params, extra=extra), copied

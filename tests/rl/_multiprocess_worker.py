@@ -8,11 +8,50 @@ Runs test_loop's tiny RL stage (2 iterations, a checkpoint after each) and write
 each iteration's host-side rollout (the problems' prompt ids, sampled tokens, verdicts,
 lengths) and every value the loop gathered from the devices (``sharding.gather_to_host``:
 sampled tokens, reference log-probs, metrics) and the final checkpoint's step and optimizer
-state as ``restore_raw`` reads them; every process must write the same ones.
+state as ``restore_raw`` reads them; every process must write the same ones. In a
+multi-process run it then builds a stage's state from given previous-stage parameters on an
+FSDP mesh (``_init_from_previous``) and records what it got.
 """
 import json
 import os
 import sys
+
+def _init_from_previous(gather):
+  """A stage's state built from a previous stage's parameters on an FSDP mesh, where each
+  process holds only part of every sharded tensor (``loop._init_state``): once with every
+  tensor given (no random init runs) and once with ``lm_head`` missing (random init, then the
+  given tensors copied over it). Returns what every process saw, gathered."""
+  import jax
+  import numpy as np
+  from kimi_vl_jax.config import base_config
+  from kimi_vl_jax.parallel import mesh as mesh_lib
+  from kimi_vl_jax.train import loop, stages as stages_lib
+  c = base_config('tiny')
+  c.mesh.data, c.mesh.fsdp = 1, -1
+  c.train.global_batch, c.train.seq_len = 8, 32
+  c.data.sources = 'text=generated:text@1'
+  c.data.max_patches_per_row = 0
+  c.stages.joint_pretrain.task, c.stages.joint_pretrain.steps = 'lm', 1
+  mesh = mesh_lib.build_mesh(c.mesh)
+  prep = loop.prepare_stage(c, stages_lib.resolve(c, 'joint_pretrain'), mesh)
+  fresh, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
+  split = [not x.is_fully_addressable and not x.is_fully_replicated
+           for x in jax.tree.leaves(fresh.params)]
+  fresh_params, extra = gather(fresh.params), gather(fresh.extra)
+  given = jax.tree.map(lambda x: x + 1.0, fresh_params)
+  out = {'leaves': len(split), 'split_across_processes': sum(split)}
+  for name, params in (('all', given), ('partial', {k: v for k, v in given.items()
+                                                    if k != 'lm_head'})):
+    st, copied = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, (params, extra))
+    got = gather(st.params)
+    out[name] = {
+        'copied': len(copied),
+        'given_equal': all(np.array_equal(a, b) for a, b in zip(
+            jax.tree.leaves({k: got[k] for k in params}), jax.tree.leaves(params))),
+        'lm_head_fresh': bool(np.array_equal(got['lm_head']['kernel'],
+                                             fresh_params['lm_head']['kernel']))}
+  return out
+
 
 if __name__ == '__main__':
   workdir, out_path = sys.argv[1], sys.argv[2]
@@ -64,4 +103,6 @@ if __name__ == '__main__':
   with open(out_path, 'w') as f:
     json.dump({'rc': rc, 'process': jax.process_index(), 'count': jax.process_count(),
                'devices': jax.device_count(), 'rollouts': rollouts, 'gathered': gathered,
-               'final': final}, f)
+               'final': final,
+               'init_from_previous': (_init_from_previous(real_gather)
+                                      if jax.process_count() > 1 else None)}, f)

@@ -1,6 +1,7 @@
 """The RL stage in a real 2-process job (4 CPU devices each, gloo collectives): both processes
 draw, sample and score the same rollouts, process 0 writes the metrics, and the stage ends in
-a complete checkpoint; the problems and first samples match a one-process run on 8 devices."""
+a complete checkpoint; the problems and first samples match a one-process run on 8 devices.
+The same job also builds a next stage's state from previous-stage parameters on an FSDP mesh."""
 import json
 import os
 import socket
@@ -108,6 +109,22 @@ def test_rl_stage_in_two_processes(two_process_run):
   assert meta['summary']['steps'] == ITERATIONS and meta['summary']['tokens_seen'] > 0
   assert sum(data['data']['attempts']) == ITERATIONS * ROWS
   assert res[0]['final'] == {'step': ITERATIONS * UPDATES, 'opt_state_zero': True}
+
+
+@pytest.mark.slow
+def test_next_stage_state_from_previous_parameters_on_an_fsdp_mesh(two_process_run):
+  """A stage starting from the previous stage's parameters (``loop._init_state``) on a mesh
+  that splits tensors across the processes: given every tensor, the state holds exactly them;
+  with ``lm_head`` missing, the random init runs and the given tensors replace its values
+  without the sharded init being fetched to the host (which a multi-process job cannot do)."""
+  _, res = two_process_run
+  for r in res:
+    got = r['init_from_previous']
+    assert got['split_across_processes'] > 0, got   # the multi-process case is exercised
+    assert got['all'] == {'copied': got['leaves'], 'given_equal': True, 'lm_head_fresh': False}
+    assert got['partial'] == {'copied': got['leaves'] - 1, 'given_equal': True,
+                              'lm_head_fresh': True}
+  assert res[0]['init_from_previous'] == res[1]['init_from_previous']
 
 
 @pytest.mark.slow
