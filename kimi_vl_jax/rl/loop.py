@@ -181,11 +181,11 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
           and done < stage.steps:
         res = evaluator(config, base_stage, base, state, mesh)
         writer.write(done, {f'eval/{n}': v for n, v in res.items()})
-      if (t.checkpoint_every and done % t.checkpoint_every == 0 and done < stage.steps) or (
-          preempt.requested and done < stage.steps):
+      stop = done < stage.steps and preempt.stop_now()
+      if (t.checkpoint_every and done % t.checkpoint_every == 0 and done < stage.steps) or stop:
         # Orbax writes the JSON items once; the sampler state is the same on every process.
         ck.save(done, state, meta_of(done), sampler.get_state())
-        if preempt.requested:
+        if stop:
           ck.wait()
           return {'interrupted': True, 'step': done}
     eval_results = loop_lib.final_eval(evaluator, config, base_stage, base, state, mesh, writer)

@@ -36,20 +36,44 @@ class NonFiniteError(RuntimeError):
 
 
 class _Preemption:
-  """SIGTERM -> a flag the loop polls between steps (saving happens on the main thread)."""
+  """SIGTERM -> save the stage and exit 0 after a step every process agrees on.
+
+  The loop asks ``stop_now()`` after every step (every process at the same points). In one
+  process a Python handler sets a flag that it reads. In a multi-process job the notice can
+  reach the processes at different steps, and a process that starts saving (an Orbax barrier)
+  while another runs the next step's collectives would leave both waiting for good. There JAX's
+  preemption sync service (started by ``jax.distributed.initialize``, which catches SIGTERM
+  itself) passes the notice to every process and names the first step all of them can still
+  reach; ``stop_now()`` is true on every process at that step
+  (``multihost_utils.reached_preemption_sync_point``).
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._multi = False
+    self._points = 0   # stop_now() calls so far: the same count on every process
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    from jax._src import distributed as jax_distributed
+    self._multi = (jax.process_count() > 1 and
+                   jax_distributed.global_state.preemption_sync_manager is not None)
+    if not self._multi and threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def stop_now(self) -> bool:
+    """Whether to save and exit here. In a multi-process job every process must call this at
+    the same points of the loop (it is cheap: no collective unless a notice arrived)."""
+    if self._multi and not self.requested:
+      from jax.experimental import multihost_utils
+      self._points += 1
+      self.requested = bool(multihost_utils.reached_preemption_sync_point(self._points))
+    return self.requested
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -97,7 +121,7 @@ def _run_stages(config, workdir, stages, source_factory, evaluator) -> int:
       else:
         summary = run_stage(config, stage, workdir, mesh, source_factory, preempt, evaluator)
       summaries[name] = summary
-      if summary.get('interrupted') or preempt.requested:
+      if summary.get('interrupted') or preempt.stop_now():
         logging.info('SIGTERM: saved %s at step %s; exiting', name, summary.get('step', summary.get('steps')))
         return 0
       # Refreshed after every stage: a partial run has a report. Every process reads the
@@ -395,7 +419,7 @@ def run_stage(config, stage: stages_lib.Stage, workdir: str, mesh, source_factor
         writer.write(done, {f'eval/{k}': v for k, v in res.items()})
       if t.checkpoint_every and done % t.checkpoint_every == 0 and done < stage.steps:
         ck.save(done, st, meta_of(done), source.get_state())
-      if preempt.requested and done < stage.steps:
+      if done < stage.steps and preempt.stop_now():
         flush(pending)
         pending = None
         ck.save(done, st, meta_of(done), source.get_state())

@@ -12,6 +12,9 @@ argv[1] is the scenario:
   must end the survivor.
 - ``stuck``: process 1 stays alive but never joins the next collective; process 0 runs
   it under a ``Watchdog`` that must end it with ``EXIT_HUNG``.
+- ``preempt``: a tiny LM stage of ``PREEMPT_STEPS`` steps in ``KVJ_TEST_WORKDIR``; process 1
+  alone gets SIGTERM while it fetches its ``PREEMPT_AT``-th batch (0-based). Both must save
+  the same step and return 0. Prints ``RESULT {json}``.
 """
 import json
 import os
@@ -24,6 +27,46 @@ from kimi_vl_jax.parallel import distributed
 
 ROWS_PER_PROCESS = 4
 FEATURES = 3
+PREEMPT_STEPS, PREEMPT_AT = 30, 2
+
+
+def _preempt_run(pid: int) -> dict:
+  """The ``preempt`` scenario (module doc): run_experiment's return code and the stage's
+  latest checkpoint as every process sees it."""
+  import signal
+  from kimi_vl_jax.config import base_config
+  from kimi_vl_jax.train import checkpoint as ckpt_lib, data as data_lib, loop
+  c = base_config('tiny')
+  c.mesh.data = -1
+  c.train.global_batch, c.train.seq_len = 8, 32
+  c.data.sources = 'text=generated:text@1'
+  c.data.max_patches_per_row = 0
+  for name in c.stages:
+    c.stages[name].enabled = name == 'joint_pretrain'
+  c.stages.joint_pretrain.task, c.stages.joint_pretrain.steps = 'lm', PREEMPT_STEPS
+  c.stages.joint_pretrain.eval = ()
+  workdir = os.environ['KVJ_TEST_WORKDIR']
+
+  def source_factory(config, stage, mesh):
+    source = data_lib.make_source(config, stage, mesh)
+    real_next, calls = source.next, [0]
+
+    def next_batch():
+      if pid == 1 and calls[0] == PREEMPT_AT:
+        os.kill(os.getpid(), signal.SIGTERM)   # the notice reaches one process only
+      calls[0] += 1
+      return real_next()
+    source.next = next_batch
+    return source
+
+  rc = loop.run_experiment(c, workdir, source_factory=source_factory)
+  ck = ckpt_lib.StageCheckpoints(workdir, 'joint_pretrain')
+  try:
+    meta = ck.read_meta()
+  finally:
+    ck.close()
+  return dict(rc=rc, step=meta['step'], complete=bool(meta.get('complete')),
+              steps=PREEMPT_STEPS)
 
 
 def main(scenario: str) -> int:
@@ -57,6 +100,11 @@ def main(scenario: str) -> int:
     print(f'process {pid} entering a collective', flush=True)
     float(jax.jit(lambda v: (v * v).sum())(x))
     print('UNEXPECTED: the collective finished without the dead peer', flush=True)
+    return 0
+
+  if scenario == 'preempt':
+    result.update(_preempt_run(pid))
+    print('RESULT ' + json.dumps(result), flush=True)
     return 0
 
   if scenario == 'stuck':

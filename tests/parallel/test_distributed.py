@@ -157,6 +157,29 @@ def test_two_processes_build_a_4_device_mesh_and_agree(tmp_path):
   assert len(records) == 1 and records[0]['process'] == 0  # one log per job, not per host
 
 
+@pytest.mark.slow
+def test_sigterm_on_one_process_saves_the_same_step_everywhere(tmp_path):
+  """A preemption notice that reaches one process only (or the processes at different steps):
+  every process stops after the same step, saves it, and exits 0. Acting on the notice where it
+  lands would leave that process in the checkpoint's barrier and the other in the next step's
+  collectives, for good."""
+  procs = _launch('preempt', dict(KVJ_TEST_WORKDIR=str(tmp_path)))
+  try:
+    results = []
+    for p in procs:
+      rc, out = _wait(p, timeout=180)
+      assert rc == 0, out[-3000:]
+      line = [l for l in out.splitlines() if l.startswith('RESULT ')]
+      assert line, out[-3000:]
+      results.append(json.loads(line[0][len('RESULT '):]))
+  finally:
+    _kill_all(procs)
+  assert [r['rc'] for r in results] == [0, 0]
+  assert results[0]['step'] == results[1]['step']
+  r = results[0]   # stopped early (the stage has r['steps'] steps), in a saved checkpoint
+  assert 0 < r['step'] < r['steps'] and not r['complete'], r
+
+
 HEARTBEAT_S = 10
 
 

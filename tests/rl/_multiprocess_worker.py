@@ -16,38 +16,48 @@ import json
 import os
 import sys
 
-def _init_from_previous(gather):
-  """A stage's state built from a previous stage's parameters on an FSDP mesh, where each
-  process holds only part of every sharded tensor (``loop._init_state``): once with every
-  tensor given (no random init runs) and once with ``lm_head`` missing (random init, then the
-  given tensors copied over it). Returns what every process saw, gathered."""
+def _init_from_previous(workdir, gather):
+  """The hand-over between stages on an FSDP mesh, where each process holds only part of
+  every sharded tensor: a joint-pretraining checkpoint (its parameters the init's + 1) is read
+  back as cooldown reads its previous stage (``loop._prev_params``, Orbax ``restore_raw``), and
+  cooldown's state is built from it (``loop._init_state``) once with every tensor given (no
+  random init runs) and once with ``lm_head`` missing (random init, then the given tensors
+  copied over it). Returns what every process saw, gathered."""
   import jax
   import numpy as np
   from kimi_vl_jax.config import base_config
   from kimi_vl_jax.parallel import mesh as mesh_lib
-  from kimi_vl_jax.train import loop, stages as stages_lib
+  from kimi_vl_jax.train import checkpoint as ckpt_lib, loop, stages as stages_lib
   c = base_config('tiny')
   c.mesh.data, c.mesh.fsdp = 1, -1
   c.train.global_batch, c.train.seq_len = 8, 32
   c.data.sources = 'text=generated:text@1'
   c.data.max_patches_per_row = 0
-  c.stages.joint_pretrain.task, c.stages.joint_pretrain.steps = 'lm', 1
+  for name in c.stages:
+    c.stages[name].enabled = name in ('joint_pretrain', 'cooldown')
+    c.stages[name].task, c.stages[name].steps = 'lm', 1
   mesh = mesh_lib.build_mesh(c.mesh)
-  prep = loop.prepare_stage(c, stages_lib.resolve(c, 'joint_pretrain'), mesh)
+  prep = loop.prepare_stage(c, stages_lib.resolve(c, 'cooldown'), mesh)
   fresh, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
   split = [not x.is_fully_addressable and not x.is_fully_replicated
            for x in jax.tree.leaves(fresh.params)]
-  fresh_params, extra = gather(fresh.params), gather(fresh.extra)
+  ck = ckpt_lib.StageCheckpoints(workdir, 'joint_pretrain')
+  ck.save(1, fresh.replace(params=jax.tree.map(lambda x: x + 1.0, fresh.params)),
+          {'step': 1, 'complete': True})
+  ck.close()
+  fresh_params = gather(fresh.params)
   given = jax.tree.map(lambda x: x + 1.0, fresh_params)
+  params, extra = loop._prev_params(c, workdir, stages_lib.resolve(c, 'cooldown'))
   out = {'leaves': len(split), 'split_across_processes': sum(split)}
-  for name, params in (('all', given), ('partial', {k: v for k, v in given.items()
-                                                    if k != 'lm_head'})):
+  for name, params in (('all', params), ('partial', {k: v for k, v in params.items()
+                                                     if k != 'lm_head'})):
     st, copied = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, (params, extra))
     got = gather(st.params)
     out[name] = {
         'copied': len(copied),
         'given_equal': all(np.array_equal(a, b) for a, b in zip(
-            jax.tree.leaves({k: got[k] for k in params}), jax.tree.leaves(params))),
+            jax.tree.leaves({k: got[k] for k in params}),
+            jax.tree.leaves({k: given[k] for k in params}))),
         'lm_head_fresh': bool(np.array_equal(got['lm_head']['kernel'],
                                              fresh_params['lm_head']['kernel']))}
   return out
@@ -100,9 +110,9 @@ if __name__ == '__main__':
   ck.close()
   final = {'step': int(raw['step']),
            'opt_state_zero': all(bool(np.all(x == 0)) for x in jax.tree.leaves(raw['opt_state']))}
+  handover = _init_from_previous(workdir + '_stages', real_gather) if jax.process_count() > 1 \
+      else None
   with open(out_path, 'w') as f:
     json.dump({'rc': rc, 'process': jax.process_index(), 'count': jax.process_count(),
                'devices': jax.device_count(), 'rollouts': rollouts, 'gathered': gathered,
-               'final': final,
-               'init_from_previous': (_init_from_previous(real_gather)
-                                      if jax.process_count() > 1 else None)}, f)
+               'final': final, 'init_from_previous': handover}, f)

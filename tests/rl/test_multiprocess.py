@@ -1,7 +1,7 @@
 """The RL stage in a real 2-process job (4 CPU devices each, gloo collectives): both processes
 draw, sample and score the same rollouts, process 0 writes the metrics, and the stage ends in
 a complete checkpoint; the problems and first samples match a one-process run on 8 devices.
-The same job also builds a next stage's state from previous-stage parameters on an FSDP mesh."""
+The same job also hands a checkpoint over from one stage to the next on an FSDP mesh."""
 import json
 import os
 import socket
@@ -40,7 +40,7 @@ def _spawn(workdir, out, devices, coordinator=None, pid=0, n=1):
   return proc
 
 
-def _finish(procs, timeout=240):
+def _finish(procs, timeout=480):
   """Waits for every worker; fails with a worker's output if one hangs or exits non-zero."""
   tail = lambda p: open(p.log).read()[-3000:]
   try:
@@ -113,9 +113,10 @@ def test_rl_stage_in_two_processes(two_process_run):
 
 @pytest.mark.slow
 def test_next_stage_state_from_previous_parameters_on_an_fsdp_mesh(two_process_run):
-  """A stage starting from the previous stage's parameters (``loop._init_state``) on a mesh
-  that splits tensors across the processes: given every tensor, the state holds exactly them;
-  with ``lm_head`` missing, the random init runs and the given tensors replace its values
+  """The hand-over between stages on a mesh that splits tensors across the processes: a saved
+  joint-pretraining checkpoint read back as cooldown reads its previous stage (``restore_raw``)
+  builds cooldown's state (``loop._init_state``). Given every tensor, the state holds exactly
+  them; with ``lm_head`` missing, the random init runs and the given tensors replace its values
   without the sharded init being fetched to the host (which a multi-process job cannot do)."""
   _, res = two_process_run
   for r in res:
