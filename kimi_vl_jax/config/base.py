@@ -114,6 +114,8 @@ def base_config(preset: str = 'small') -> ml_collections.ConfigDict:
       temperature=1.0,
       top_p=1.0,
       max_response_tokens=64,
+      partial_rollout_tokens=0,  # > 0: decode at most this many a row per iteration; unfinished
+                                 # responses continue next iteration (kimi_vl_jax/rl/partial.py)
       updates_per_iteration=1,   # train steps on one iteration's rollouts
       length_penalty_weight=0.0,
       length_penalty_warmup=0,   # iterations before the length penalty applies

@@ -30,6 +30,11 @@ def _check_rl(config, num_devices: Optional[int] = None):
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
       why = ' (advantages are rewards minus the mean of k samples)' if key == 'samples_per_prompt' else ''
       _fail(f'rl.{key}', f'must be an integer >= {lo}, got {v!r}{why}')
+  budget = rl.get('partial_rollout_tokens', 0)
+  if not isinstance(budget, int) or isinstance(budget, bool) or not \
+      0 <= budget < rl.max_response_tokens:
+    _fail('rl.partial_rollout_tokens', f'must be an integer in [0, rl.max_response_tokens='
+          f'{rl.max_response_tokens}) (0 = whole responses in one iteration), got {budget!r}')
   if not rl.tau > 0:
     _fail('rl.tau', f'must be > 0, got {rl.tau!r}')
   if not rl.temperature > 0:

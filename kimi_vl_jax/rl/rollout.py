@@ -85,31 +85,46 @@ class Rollout:
   finished: np.ndarray          # [P, k] bool: produced the stop token
 
 
-def prompt_rows(problems, k: int, tok, image_cfg, seq_len: int, max_new: int, patches: int):
+def prompt_rows(problems, k: int, tok, image_cfg, seq_len: int, max_new: int, patches: int,
+                prompt_limit: int = 0):
   """Decoder rows for ``problems`` repeated k times: (prompts, rows) as ``evaluate`` builds them
-  (tokens [P*k, S] right-padded, lens, patch buffers when ``patches``)."""
-  prompts = [evaluate._prompt(r, tok, image_cfg, seq_len - max_new) for r in problems]
+  (tokens [P*k, S] right-padded, lens, patch buffers when ``patches``). A prompt may hold at
+  most ``prompt_limit`` tokens (default ``seq_len - max_new``)."""
+  limit = prompt_limit or seq_len - max_new
+  prompts = [evaluate._prompt(r, tok, image_cfg, limit) for r in problems]
   prompts = [p for p in prompts for _ in range(k)]
+  return prompts, decoder_rows(prompts, max_new, seq_len, patches)
+
+
+def decoder_rows(prompts, max_new: int, seq_len: int, patches: int) -> dict:
+  """Rows holding each (ids, images) prompt plus ``max_new`` new tokens (``evaluate._rows``)."""
   seq, slots = evaluate._eval_shape(prompts, max_new, seq_len, patches)
-  return prompts, evaluate._rows(prompts, seq, len(prompts), slots if patches else 0)
+  return evaluate._rows(prompts, seq, len(prompts), slots if patches else 0)
 
 
 def collect(problems, k: int, prompts, new_tokens: np.ndarray, tok, stop_id: int) -> Rollout:
   """Scores sampled ``new_tokens`` [P*k, max_new] against each problem's verifier."""
-  responses, texts, finished = [], [], []
+  responses = []
   for row in np.asarray(new_tokens)[:len(prompts)]:
     ids = [int(i) for i in row]
-    done = stop_id in ids
-    ids = ids[:ids.index(stop_id) + 1] if done else ids
-    responses.append(ids)
+    responses.append(ids[:ids.index(stop_id) + 1] if stop_id in ids else ids)
+  return score(problems, k, prompts, responses, tok, stop_id)
+
+
+def score(problems, k: int, prompts, responses, tok, stop_id: int) -> Rollout:
+  """The Rollout of whole responses (token ids [P*k], ending with ``stop_id`` when it was
+  produced) to ``problems`` [P], each prompt ((ids, images) [P*k]) sampled k times."""
+  texts, finished = [], []
+  for ids in responses:
+    done = bool(ids) and ids[-1] == stop_id
     finished.append(done)
     texts.append(tok.decode(ids[:-1] if done else ids))
   p = len(problems)
   correct = np.array([float(is_correct(problems[i // k], t)) for i, t in enumerate(texts)])
   lengths = np.array([len(r) for r in responses])
-  return Rollout(problems, [ids for ids, _ in prompts], [im for _, im in prompts], responses,
-                 texts, correct.reshape(p, k), lengths.reshape(p, k),
-                 np.array(finished).reshape(p, k))
+  return Rollout(problems, [ids for ids, _ in prompts], [im for _, im in prompts],
+                 [list(r) for r in responses], texts, correct.reshape(p, k),
+                 lengths.reshape(p, k), np.array(finished).reshape(p, k))
 
 
 def training_rows(rollout: Rollout, seq_len: int, patches: int, batch: int) -> dict:

@@ -20,6 +20,8 @@ def _config(**rl):
     (dict(tau=0.0), 'rl.tau', '> 0'),
     (dict(temperature=0.0), 'rl.temperature', 'identical'),
     (dict(top_p=1.5), 'rl.top_p', '(0, 1]'),
+    (dict(partial_rollout_tokens=64), 'rl.partial_rollout_tokens', '[0, rl.max_response_tokens=64)'),
+    (dict(partial_rollout_tokens=-1), 'rl.partial_rollout_tokens', 'got -1'),
     (dict(dataset='imagenet'), 'rl.dataset', 'generated dataset'),
     (dict(tasks=('count',)), 'rl.tasks', "not tasks of the 'math' dataset"),
     (dict(difficulties=(3,)), 'rl.difficulties', 'subset of (0, 1, 2)'),

@@ -81,6 +81,41 @@ def test_rl_stage_runs_iterations_resets_the_optimizer_and_resumes(tmp_path):
   assert meta['complete'] and again['attempts'] == first['attempts']
 
 
+def test_rl_stage_with_partial_rollouts_continues_responses_across_iterations(tmp_path):
+  """A budget of 3 of the 6 response tokens a row: the tiny policy does not end a response
+  within 3 tokens, so iteration 1 only decodes (all 4 groups wait, no update); iteration 2
+  continues the same 8 responses (no rows left for fresh problems), scores and trains on them.
+  Resumed after iteration 1, the stage continues the waiting responses from the checkpoint
+  and ends with the same sampler record."""
+  from kimi_vl_jax.config import validate
+  config = _rl_config(iterations=2)
+  config.rl.max_response_tokens = 6
+  config.rl.partial_rollout_tokens = 3
+  config.train.checkpoint_every = 1
+  validate(config, num_devices=jax.device_count())
+  assert loop.run_experiment(config, str(tmp_path)) == 0
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, 'rl', 'metrics.jsonl'))]
+  rows = [r for r in rows if 'decode_rows' in r]
+  assert [r['step'] for r in rows] == [1, 2]
+  first, second = rows
+  assert (first['completed_groups'], first['waiting_groups'], first['decode_rows']) == (0, 4, 8)
+  assert 'loss' not in first
+  assert (second['completed_groups'], second['waiting_groups'], second['decode_rows']) == (4, 0, 8)
+  assert np.isfinite(second['loss']) and 3 < second['response_tokens'] <= 6
+  ck = ckpt_lib.StageCheckpoints(str(tmp_path), 'rl')
+  waiting, final = _data_state(ck, 1), _data_state(ck, 2)
+  assert len(waiting['partial_rollouts']) == 4 and sum(waiting['attempts']) == 0
+  assert all(len(r) == 3 for g in waiting['partial_rollouts'] for r in g['responses'])
+  assert final['partial_rollouts'] == [] and sum(final['attempts']) == 8
+  ck.manager.delete(2)
+  ck.close()
+  assert loop.run_experiment(config, str(tmp_path)) == 0
+  ck = ckpt_lib.StageCheckpoints(str(tmp_path), 'rl')
+  again = _data_state(ck, 2)
+  ck.close()
+  assert again['attempts'] == final['attempts'] and again['partial_rollouts'] == []
+
+
 def test_rl_stage_stops_on_consecutive_non_finite_updates(tmp_path, monkeypatch):
   """A NaN objective skips the update (the step's guard) and ends the stage with the same
   error as the other stages once train.max_consecutive_nonfinite updates in a row failed."""
