@@ -66,12 +66,63 @@ def _dp(mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
 
 
+@dataclasses.dataclass
+class RLPrograms:
+  """An RL stage's model and jitted programs (``prepare_rl``)."""
+  base_stage: stages_lib.Stage   # the stage with the policy's own task (for evals)
+  base: step_lib.Task             # the policy's task (lm or kimi_vl)
+  task: step_lib.Task             # the RL task: base's model, the mirror-descent loss
+  opt: object
+  shardings: object               # the train state's
+  rng: jax.Array
+  step_fn: object                 # the unjitted train step (``step.make_train_step``)
+  step_cfg: step_lib.StepConfig
+  train_step: object              # loop._LazyJit of step_fn
+  reinit: object                  # jitted, sharded optimizer re-init
+  decode: object                  # jitted sampler: budget (or max_response_tokens) new tokens
+  ref_logp: object                # jitted per-row sequence log-prob under given params
+  decode_tokens: int              # new tokens one decode call produces
+
+
+def prepare_rl(config, stage: stages_lib.Stage, mesh, stop_id: int, media_pad_id: int
+               ) -> RLPrograms:
+  """The RL stage's tasks, optimizer, shardings and programs, as ``run_rl_stage`` runs them
+  and ``train/aot.py`` compiles them (nothing is traced or allocated here)."""
+  from kimi_vl_jax.train import loop as loop_lib        # shared stage helpers
+  from kimi_vl_jax.optim import build_optimizer
+  rl, t = config.rl, config.train
+  base_stage = dataclasses.replace(stage, task=rl.model)
+  base = loop_lib.build_task(config, base_stage, (), media_pad_id)
+  task = rl_task(base, t, float(rl.tau))
+  updates = int(rl.updates_per_iteration)
+  rng = jax.random.PRNGKey(t.seed + 1000 * stage.index)
+  abstract = state_lib.abstract_variables(task.init, rng)
+  opt = build_optimizer(stage.optim, abstract['params'], mesh, trainable=stage.trainable or None,
+                        total_steps=stage.steps * updates)
+  sh = state_lib.state_shardings(abstract, opt, mesh)
+  mask = (stages_lib.trainable_mask(nn.unbox(abstract)['params'], stage.trainable)
+          if stage.trainable else None)
+  step_cfg = step_lib.StepConfig(microbatches=stage.microbatches, grad_clip_norm=t.grad_clip_norm,
+                                 router_bias_rate=stage.router_bias_rate,
+                                 param_cast_dtype=t.param_cast_dtype)
+  step_fn = step_lib.make_train_step(task, opt, step_cfg, mask)
+  train_step = loop_lib._LazyJit(step_fn, sh, mesh, step_lib.step_hparams(opt, step_cfg))
+  reinit = jax.jit(opt.init, out_shardings=sh.opt_state)
+  # Partial rollouts decode rl.partial_rollout_tokens an iteration; else the whole response.
+  new_tokens = int(rl.get('partial_rollout_tokens', 0)) or int(rl.max_response_tokens)
+  decode = jax.jit(evaluate.make_decoder(base, new_tokens, stop_id, float(rl.temperature),
+                                         float(rl.top_p)))
+  vocab_chunk, token_chunk = int(t.get('loss_vocab_chunk', 0)), int(t.get('loss_token_chunk', 0))
+  ref_logp = jax.jit(lambda p, e, b: sequence_logp(base, p, e, b, vocab_chunk, token_chunk)[0])
+  return RLPrograms(base_stage, base, task, opt, sh, rng, step_fn, step_cfg, train_step, reinit,
+                    decode, ref_logp, new_tokens)
+
+
 def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
                  evaluator=None) -> dict:
   """Runs (or resumes) the RL stage; returns its summary (``{'interrupted': True}`` on SIGTERM)."""
   from kimi_vl_jax.train import loop as loop_lib        # shared stage helpers
   from kimi_vl_jax.data.tokenizer import load_or_train
-  from kimi_vl_jax.optim import build_optimizer
   rl, t = config.rl, config.train
   ck = ckpt_lib.StageCheckpoints(workdir, stage.name, keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoints)
@@ -91,30 +142,15 @@ def run_rl_stage(config, stage: stages_lib.Stage, workdir: str, mesh, preempt,
   tok = load_or_train(config.data.tokenizer, config.model.lm.vocab_size, config.data.tokenizer_cache)
   image_cfg = ip.ImageProcessorConfig.from_vision_config(config.model.vision,
                                                          config.data.in_token_limit)
-  base_stage = dataclasses.replace(stage, task=rl.model)   # the policy's own task (evals)
-  base = loop_lib.build_task(config, base_stage, (), tok.token_id(st.MEDIA_PAD))
-  task = rl_task(base, t, float(rl.tau))
-  k, updates = int(rl.samples_per_prompt), int(rl.updates_per_iteration)
-  rng = jax.random.PRNGKey(t.seed + 1000 * stage.index)
-  abstract = state_lib.abstract_variables(task.init, rng)
-  opt = build_optimizer(stage.optim, abstract['params'], mesh, trainable=stage.trainable or None,
-                        total_steps=stage.steps * updates)
-  sh = state_lib.state_shardings(abstract, opt, mesh)
-  mask = (stages_lib.trainable_mask(nn.unbox(abstract)['params'], stage.trainable)
-          if stage.trainable else None)
-  step_cfg = step_lib.StepConfig(microbatches=stage.microbatches, grad_clip_norm=t.grad_clip_norm,
-                                 router_bias_rate=stage.router_bias_rate,
-                                 param_cast_dtype=t.param_cast_dtype)
-  train_step = loop_lib._LazyJit(step_lib.make_train_step(task, opt, step_cfg, mask),
-                                 sh, mesh, step_lib.step_hparams(opt, step_cfg))
-  reinit = jax.jit(opt.init, out_shardings=sh.opt_state)
   stop_id = tok.token_id(st.IM_END)
+  progs = prepare_rl(config, stage, mesh, stop_id, tok.token_id(st.MEDIA_PAD))
+  base_stage, base, task, opt, sh, rng = (progs.base_stage, progs.base, progs.task, progs.opt,
+                                          progs.shardings, progs.rng)
+  train_step, reinit, decode, ref_logp = (progs.train_step, progs.reinit, progs.decode,
+                                          progs.ref_logp)
+  k, updates = int(rl.samples_per_prompt), int(rl.updates_per_iteration)
   max_new = int(rl.max_response_tokens)
   budget = int(rl.get('partial_rollout_tokens', 0))   # 0: whole responses in one iteration
-  decode = jax.jit(evaluate.make_decoder(base, budget or max_new, stop_id, float(rl.temperature),
-                                         float(rl.top_p)))
-  vocab_chunk, token_chunk = int(t.get('loss_vocab_chunk', 0)), int(t.get('loss_token_chunk', 0))
-  ref_logp = jax.jit(lambda p, e, b: sequence_logp(base, p, e, b, vocab_chunk, token_chunk)[0])
 
   sampler = ProblemSampler(pool.difficulty, rl.sampling, seed=t.seed)
   buffer = partial_lib.RolloutBuffer()

@@ -14,6 +14,10 @@ not compile; the result then carries the compiler's message, which names the siz
 aliased) can still exceed the HBM (kimi_vl_a3b's 128K stages on v5p-64, when they routed whole
 rows through the MoE: 102.0 of 95.7 GiB), so read the total against the chip's HBM too.
 
+An ``rl`` stage has three programs (``rl/loop.prepare_rl``), each compiled at its largest
+shapes (``compile_rl_stage``): the train step on rows of prompt + response, the sampler over
+every row of an iteration, and the reference log-probabilities.
+
 This is the same step ``train`` runs (``loop.prepare_stage``), traced under the same mesh and
 logical-axis rules, with the backends the TPU gets ('auto' follows the mesh's platform). It is
 how to size ``train.microbatches`` (or a stage's own ``microbatches``) and the expert-parallel
@@ -122,27 +126,98 @@ def compile_stage(config, stage_name: str, devices: Sequence, keep_text: bool = 
             'mesh': {k: int(v) for k, v in mesh.shape.items()},
             'global_batch': stage.global_batch, 'seq_len': stage.seq_len,
             'microbatches': stage.microbatches}
-  t0 = time.perf_counter()
   with shard_lib.activation_context(mesh):
     lowered = jitted.lower(state, batch, hparams)
   if keep_text:
     result['lowered'] = lowered.as_text()
+  result.update(_compiled_figures(lowered))
+  return result
+
+
+def _compiled_figures(lowered) -> dict:
+  """Compiles ``lowered``: fits, compile_s and per-device GiB, or fits=False with the
+  compiler's out-of-memory message."""
+  t0 = time.perf_counter()
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
-    result.update(fits=False, compile_s=round(time.perf_counter() - t0, 1),
-                  error=str(e).strip().splitlines()[0])
-    return result
+    return dict(fits=False, compile_s=round(time.perf_counter() - t0, 1),
+                error=str(e).strip().splitlines()[0])
   m = compiled.memory_analysis()
   gib = lambda n: round(n / GIB, 3)
-  result.update(
+  return dict(
       fits=True, compile_s=round(time.perf_counter() - t0, 1),
       argument_gib=gib(m.argument_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
       output_gib=gib(m.output_size_in_bytes), alias_gib=gib(m.alias_size_in_bytes),
       total_gib=gib(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
                     - m.alias_size_in_bytes))
+
+
+RL_PROGRAMS = ('decode', 'ref_logp')
+
+
+def compile_rl_stage(config, stage_name: str, devices: Sequence, keep_text: bool = False) -> dict:
+  """An RL stage's three programs compiled for ``devices`` at their largest shapes: the train
+  step on a batch of training rows (``rollout.training_rows``: prompt + response rows of
+  ``seq_len``, with the RL keys), the sampler (``evaluate.make_decoder``: every row of the
+  iteration, prompts filling the row) and the reference log-probabilities.
+
+  Returns ``compile_stage``'s keys for the train step, plus ``decode`` and ``ref_logp`` dicts
+  with their own figures; ``fits`` only when all three fit.
+  """
+  from kimi_vl_jax.rl import loop as rl_loop
+  mesh = mesh_lib.build_mesh(config.mesh, devices)
+  stage = stages_lib.resolve(config, stage_name)
+  vocab = int(config.model.lm.vocab_size)
+  # Token ids enter the programs as constants only (stop and media-pad ids); their values
+  # do not change what is compiled.
+  progs = rl_loop.prepare_rl(config, stage, mesh, stop_id=vocab - 2, media_pad_id=vocab - 1)
+
+  def make():
+    params, extra = state_lib.split_variables(nn.unbox(progs.task.init(progs.rng)))
+    return state_lib.create_state(params, extra, progs.opt, progs.rng)
+
+  state = state_lib.abstract_state(progs.shardings, make)
+  rows, seq = stage.global_batch, stage.seq_len
+  spec = data_lib.batch_spec(config, progs.base_stage)
+  for key in ('rl_weight', 'rl_ref_logp', 'rl_advantage'):
+    spec[key] = jax.ShapeDtypeStruct((rows,), np.dtype(np.float32))
+  def abstract(sp):   # a batch spec as global arrays laid out as the loop lays out its rows
+    sh = shard_lib.batch_shardings(sp, mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in sp.items()}
+
+  batch = abstract(spec)
+  replicated = NamedSharding(mesh, P())
+  hparams = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=replicated),
+      step_lib.step_hparams(progs.opt, progs.step_cfg))
+  jitted = step_lib.train_step_jit(progs.step_fn, progs.shardings,
+                                   shard_lib.batch_shardings(spec, mesh), mesh, hparams=True)
+  # The sampler's rows: every row of the iteration, padded to the data-parallel size as the
+  # loop pads them; prompts + new tokens fill at most the stage's row.
+  dp = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp', 'expert')]))
+  decode_rows = -(-rows // dp) * dp
+  decode_spec = {'tokens': jax.ShapeDtypeStruct((decode_rows, seq), np.dtype(np.int32)),
+                 'lens': jax.ShapeDtypeStruct((decode_rows,), np.dtype(np.int32))}
+  for key, v in spec.items():
+    if key.startswith('patch'):
+      decode_spec[key] = jax.ShapeDtypeStruct((decode_rows,) + v.shape[1:], v.dtype)
+  rng = jax.ShapeDtypeStruct((2,), np.dtype(np.uint32), sharding=replicated)
+  result = {'stage': stage_name, 'devices': len(devices), 'device_kind': devices[0].device_kind,
+            'mesh': {k: int(v) for k, v in mesh.shape.items()}, 'global_batch': rows,
+            'seq_len': seq, 'microbatches': stage.microbatches}
+  with shard_lib.activation_context(mesh):
+    lowered = {'train': jitted.lower(state, batch, hparams),
+               'decode': progs.decode.lower(state.params, state.extra, abstract(decode_spec), rng),
+               'ref_logp': progs.ref_logp.lower(state.params, state.extra, batch)}
+  if keep_text:
+    result['lowered'] = {name: low.as_text() for name, low in lowered.items()}
+  result.update(_compiled_figures(lowered['train']))
+  for name in RL_PROGRAMS:
+    result[name] = _compiled_figures(lowered[name])
+  result['fits'] = all(r['fits'] for r in [result] + [result[n] for n in RL_PROGRAMS])
   return result
 
 
@@ -151,11 +226,19 @@ def describe_result(r: dict) -> str:
   head = (f"{r['stage']}: {r['devices']} x {r['device_kind']}, mesh "
           + ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
           + f", batch {r['global_batch']} x {r['seq_len']} in {r['microbatches']} microbatch(es)")
-  if not r['fits']:
-    return f"{head}: DOES NOT FIT ({r['compile_s']} s): {r['error']}"
-  return (f"{head}: fits, per device {r['total_gib']:.2f} GiB (arguments {r['argument_gib']:.2f}, "
-          f"temporaries {r['temp_gib']:.2f}, outputs {r['output_gib']:.2f}, aliased "
-          f"{r['alias_gib']:.2f}); compiled in {r['compile_s']} s")
+  parts = [('train step', r)] + [(n, r[n]) for n in RL_PROGRAMS if n in r]
+  out = []
+  for name, f in parts:
+    if not f['fits']:
+      out.append(f"{name} DOES NOT FIT ({f['compile_s']} s): {f['error']}")
+    else:
+      out.append(f"{name} fits, per device {f['total_gib']:.2f} GiB (arguments "
+                 f"{f['argument_gib']:.2f}, temporaries {f['temp_gib']:.2f}, outputs "
+                 f"{f['output_gib']:.2f}, aliased {f['alias_gib']:.2f}); compiled in "
+                 f"{f['compile_s']} s")
+  if len(parts) == 1:   # a trainer stage: one program
+    out[0] = out[0].replace('train step ', '', 1)
+  return f"{head}: " + '; '.join(out)
 
 
 def compile_stages(config, topology: str, stages: Optional[Sequence[str]] = None,
@@ -164,10 +247,7 @@ def compile_stages(config, topology: str, stages: Optional[Sequence[str]] = None
   devices = topology_devices(topology, chips_per_host)
   results = []
   for name in stages_lib.enabled_stages(config, stages):
-    if config.stages[name].task == 'rl':
-      # Its rows' shapes come from the rollouts (prompt + response lengths) at run time.
-      print_fn(f'{name}: not compiled (an rl stage; rl/loop.py builds its step from the rollouts)')
-      continue
-    results.append(compile_stage(config, name, devices))
+    compile_fn = compile_rl_stage if config.stages[name].task == 'rl' else compile_stage
+    results.append(compile_fn(config, name, devices))
     print_fn(describe_result(results[-1]))
   return results

@@ -61,6 +61,26 @@ def test_a_step_beyond_hbm_is_reported_not_raised(devices):
   assert 'DOES NOT FIT' in aot.describe_result(r)
 
 
+def test_rl_stage_compiles_its_train_step_sampler_and_reference_programs(devices):
+  """The rl stage's three programs at their largest shapes: the train step on training rows
+  with the RL keys, the KV-cache sampler over every row of an iteration, and the reference
+  log-probabilities; each with its own memory figures."""
+  from kimi_vl_jax.train import aot
+  c = _config()
+  c.stages.rl.global_batch = 8
+  c.rl.model = 'lm'
+  r = aot.compile_rl_stage(c, 'rl', devices, keep_text=True)
+  assert r['fits'] and r['decode']['fits'] and r['ref_logp']['fits'], aot.describe_result(r)
+  assert (r['global_batch'], r['seq_len']) == (8, 256)
+  for f in (r, r['decode'], r['ref_logp']):
+    assert 0 < f['total_gib'] < 95
+  text = r['lowered']
+  assert 'all_to_all' in text['train'] and 'ragged_dot' in text['train']
+  assert 'stablehlo.while' in text['decode']   # one single-token LM step per new token
+  line = aot.describe_result(r)
+  assert 'train step fits' in line and 'decode fits' in line and 'ref_logp fits' in line
+
+
 def test_cli_compiles_the_demo_recipe_for_a_topology(tmp_path):
   # --mode=aot end to end: the config is validated against the topology's chips, each stage
   # is compiled, one line per stage is printed and the figures land in <workdir>/aot.json.
