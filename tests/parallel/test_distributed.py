@@ -126,19 +126,24 @@ def _kill_all(procs):
       p.communicate()
 
 
-@pytest.mark.slow
-def test_two_processes_build_a_4_device_mesh_and_agree(tmp_path):
-  procs = _launch('compute', dict(KVJ_TEST_WORKDIR=str(tmp_path)))
+def _results(procs, timeout) -> list:
+  """Each worker's ``RESULT {json}`` line, once all exited 0 (else fails with its output)."""
   try:
     results = []
     for p in procs:
-      rc, out = _wait(p, timeout=120)
+      rc, out = _wait(p, timeout=timeout)
       assert rc == 0, out[-3000:]
       line = [l for l in out.splitlines() if l.startswith('RESULT ')]
       assert line, out[-3000:]
       results.append(json.loads(line[0][len('RESULT '):]))
   finally:
     _kill_all(procs)
+  return results
+
+
+@pytest.mark.slow
+def test_two_processes_build_a_4_device_mesh_and_agree(tmp_path):
+  results = _results(_launch('compute', dict(KVJ_TEST_WORKDIR=str(tmp_path))), timeout=120)
   for pid, r in enumerate(results):
     assert (r['kind'], r['process_index'], r['process_count']) == ('explicit', pid, 2)
     assert (r['device_count'], r['local_device_count']) == (4, 2)
@@ -163,17 +168,7 @@ def test_sigterm_on_one_process_saves_the_same_step_everywhere(tmp_path):
   every process stops after the same step, saves it, and exits 0. Acting on the notice where it
   lands would leave that process in the checkpoint's barrier and the other in the next step's
   collectives, for good."""
-  procs = _launch('preempt', dict(KVJ_TEST_WORKDIR=str(tmp_path)))
-  try:
-    results = []
-    for p in procs:
-      rc, out = _wait(p, timeout=180)
-      assert rc == 0, out[-3000:]
-      line = [l for l in out.splitlines() if l.startswith('RESULT ')]
-      assert line, out[-3000:]
-      results.append(json.loads(line[0][len('RESULT '):]))
-  finally:
-    _kill_all(procs)
+  results = _results(_launch('preempt', dict(KVJ_TEST_WORKDIR=str(tmp_path))), timeout=180)
   assert [r['rc'] for r in results] == [0, 0]
   assert results[0]['step'] == results[1]['step']
   r = results[0]   # stopped early (the stage has r['steps'] steps), in a saved checkpoint
