@@ -18,9 +18,13 @@ sft_1 fits with two microbatches (90.7 GiB, ``--config.stages.sft_1.microbatches
 does not (104.4 GiB). As in kimi_vl_a3b.py, long rows use 'full' remat, the MoE routes 32K-token
 slices and the loss 16K-token slices.
 
-The released checkpoint's embeddings follow the released tokenizer (SPEC §7): point
-``--config.data.tokenizer`` at a tokenizer model with those ids.
+The released checkpoint's embeddings follow the released tokenizer (SPEC §7). A Hugging Face
+directory ships it (``tiktoken.model`` + ``tokenizer_config.json``), and then it is used
+(``data/tiktoken_tokenizer.py``); for a converted Orbax directory point
+``--config.data.tokenizer`` at the original checkpoint directory.
 """
+import os
+
 from kimi_vl_jax.config import base_config
 
 _MESH = dict(data=1, fsdp=-1, expert=8, tensor=1)
@@ -38,6 +42,8 @@ def get_config(arg=None):
   c.model.vision.remat_policy = 'save_dots'
   c.model.lm.rope_theta = 800000.0
   c.train.init_from = ckpt
+  if ckpt and os.path.exists(os.path.join(ckpt, 'tiktoken.model')):
+    c.data.tokenizer = ckpt                 # the release's vocabulary: its embeddings' ids
   c.train.global_batch = 64
   c.train.seq_len = 8192
   # Long rows, as in kimi_vl_a3b.py: expert-parallel buffers for twice the mean load (drops

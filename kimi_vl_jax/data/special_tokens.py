@@ -7,8 +7,9 @@ Chat turns: ``<|im_system|>system<|im_middle|>...<|im_end|>`` (role token, role 
 ``◁think▷`` and ``◁/think▷`` as plain text (the markers are still single tokens here).
 
 Every string below is one piece of the project tokenizer (``tokenizer.py`` trains them as
-user-defined symbols); ``RELEASED_IDS`` records the released tiktoken ids for a future
-tokenizer that loads the released vocabulary.
+user-defined symbols); ``RELEASED_IDS`` records the released tiktoken ids, which
+``tiktoken_tokenizer.py`` gives these strings when no ``tokenizer_config.json`` names them. In
+the release ◁think▷ / ◁/think▷ are plain text, not single tokens.
 """
 from __future__ import annotations
 

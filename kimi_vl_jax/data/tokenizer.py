@@ -1,4 +1,5 @@
-"""Tokenizers: a small ``Tokenizer`` interface and the project's sentencepiece model.
+"""Tokenizers: a small ``Tokenizer`` interface and the project's sentencepiece model (the
+released Kimi tiktoken vocabulary is ``tiktoken_tokenizer.py``).
 
 The sentencepiece model is trained reproducibly (fixed seed, deterministic input order, one
 thread) from ``tokenizer_corpus.corpus_lines`` -- text this project generates, no downloads --
@@ -164,16 +165,26 @@ def default_cache_dir() -> str:
 
 
 def load_or_train(path: str = '', vocab_size: int = 4096, cache_dir: str = '',
-                  seed: int = 0) -> SentencePieceTokenizer:
+                  seed: int = 0) -> Tokenizer:
   """Loads ``path`` if given; else the cached project model (training it if missing).
+
+  ``path``: a sentencepiece model, or the released Kimi tokenizer: a checkpoint directory
+  holding ``tiktoken.model`` or that file (``tiktoken_tokenizer.TiktokenTokenizer``).
 
   The cache write is atomic (temp file + rename), so concurrent processes that both train
   (to identical bytes) cannot leave a torn file.
   """
   if path:
+    from kimi_vl_jax.data import tiktoken_tokenizer   # imports this module
     if not os.path.exists(path):
       raise FileNotFoundError(f'tokenizer model {path!r} does not exist')
-    tok = SentencePieceTokenizer.from_file(path)
+    if os.path.isdir(path) and not tiktoken_tokenizer.is_tiktoken_path(path):
+      raise FileNotFoundError(f'tokenizer directory {path!r} holds no '
+                              f'{tiktoken_tokenizer.RANKS_FILE} (the released Kimi tokenizer)')
+    if tiktoken_tokenizer.is_tiktoken_path(path):
+      tok = tiktoken_tokenizer.TiktokenTokenizer.from_path(path)
+    else:
+      tok = SentencePieceTokenizer.from_file(path)
   else:
     cache_dir = cache_dir or default_cache_dir()
     cached = os.path.join(cache_dir, _cache_key(vocab_size, seed))
