@@ -55,9 +55,11 @@ class _Preemption:
     self._points = 0   # stop_now() calls so far: the same count on every process
 
   def __enter__(self):
-    from jax._src import distributed as jax_distributed
-    self._multi = (jax.process_count() > 1 and
-                   jax_distributed.global_state.preemption_sync_manager is not None)
+    self._multi = jax.process_count() > 1 and _preemption_service_running()
+    if jax.process_count() > 1 and not self._multi:
+      logging.warning('JAX preemption sync service is off (jax_enable_preemption_service): each '
+                      'process acts on SIGTERM alone, and a notice reaching the processes at '
+                      'different steps can leave the save waiting for good')
     if not self._multi and threading.current_thread() is threading.main_thread():
       self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
@@ -78,6 +80,16 @@ class _Preemption:
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+def _preemption_service_running() -> bool:
+  """Whether ``jax.distributed`` started its preemption sync service (it does unless
+  ``jax_enable_preemption_service`` is off). Read from jax's own state: no public call says."""
+  try:
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):   # another jax layout: keep the per-process handler
+    return False
 
 
 def build_task(config, stage: stages_lib.Stage, source_names=(), media_pad_id: int = 0
