@@ -85,13 +85,10 @@ class Rollout:
   finished: np.ndarray          # [P, k] bool: produced the stop token
 
 
-def prompt_rows(problems, k: int, tok, image_cfg, seq_len: int, max_new: int, patches: int,
-                prompt_limit: int = 0):
+def prompt_rows(problems, k: int, tok, image_cfg, seq_len: int, max_new: int, patches: int):
   """Decoder rows for ``problems`` repeated k times: (prompts, rows) as ``evaluate`` builds them
-  (tokens [P*k, S] right-padded, lens, patch buffers when ``patches``). A prompt may hold at
-  most ``prompt_limit`` tokens (default ``seq_len - max_new``)."""
-  limit = prompt_limit or seq_len - max_new
-  prompts = [evaluate._prompt(r, tok, image_cfg, limit) for r in problems]
+  (tokens [P*k, S] right-padded, lens, patch buffers when ``patches``)."""
+  prompts = [evaluate._prompt(r, tok, image_cfg, seq_len - max_new) for r in problems]
   prompts = [p for p in prompts for _ in range(k)]
   return prompts, decoder_rows(prompts, max_new, seq_len, patches)
 
