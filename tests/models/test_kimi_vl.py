@@ -81,7 +81,8 @@ def test_equals_lm_on_manually_merged_embeddings_and_compiles_once(model_and_var
   assert len(traces) == 1 and int(aux['image_tokens']) == 5
 
   # Reference: image tokens from the tower+projector, placed by a Python loop, then the LM.
-  img, img_seg = model.apply(variables, *[a[k] for k in kimi_vl.PATCH_KEYS], method=model.image_tokens)
+  img, img_seg = jax.jit(lambda v, *p: model.apply(v, *p, method=model.image_tokens))(
+      variables, *[a[k] for k in kimi_vl.PATCH_KEYS])
   emb = np.array(model.apply(variables, a['tokens_bs'], method=lambda m, t: m.language_model.embed(t)))
   k = 0
   for s in range(SEQ):
@@ -89,8 +90,9 @@ def test_equals_lm_on_manually_merged_embeddings_and_compiles_once(model_and_var
       emb[0, s] = np.asarray(img)[0, k]
       k += 1
   assert k == int((np.asarray(img_seg) > 0).sum()) == 5
-  want, _ = model.apply(variables, a['tokens_bs'], a['segment_ids_bs'], a['positions_bs'],
-                        method=lambda m, t, s, p: m.language_model(t, s, p, inputs_embeds_bsd=jnp.asarray(emb)))
+  lm = lambda m, t, s, p, e: m.language_model(t, s, p, inputs_embeds_bsd=e)
+  want, _ = jax.jit(lambda v, *x: model.apply(v, *x, method=lm))(
+      variables, a['tokens_bs'], a['segment_ids_bs'], a['positions_bs'], jnp.asarray(emb))
   np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=2e-5)
 
 

@@ -141,14 +141,14 @@ def test_unscanned_remat_layout_matches_scanned(setup):
   assert 'blocks_1' in vparams
   pack = patch_packing.pack_images(_images(GRIDS, 0), MAX_PATCHES)
   args = [jnp.asarray(v[None]) for v in pack.arrays().values()]
-  want = MoonViT(setup['vision_cfg']).apply({'params': setup['vparams']}, *args)
+  want = jax.jit(MoonViT(setup['vision_cfg']).apply)({'params': setup['vparams']}, *args)
 
   def loss(vp):
     return jnp.sum(MoonViT(vision_cfg).apply({'params': vp}, *args) ** 2)
 
-  got = MoonViT(vision_cfg).apply({'params': vparams}, *args)
+  got = jax.jit(MoonViT(vision_cfg).apply)({'params': vparams}, *args)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-  grads = jax.grad(loss)(vparams)
+  grads = jax.jit(jax.grad(loss))(vparams)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
@@ -212,8 +212,8 @@ def test_sharded_over_data_fsdp_tensor_matches_single_device(setup):
 
   with jax.set_mesh(mesh):
     got = forward(params, global_batch)
-  want = MoonViT(vision_cfg).apply({'params': setup['vparams']},
-                                   *(jnp.asarray(batch[k]) for k in patch_packing.PATCH_FIELDS))
+  args = [jnp.asarray(batch[k]) for k in patch_packing.PATCH_FIELDS]
+  want = jax.jit(MoonViT(vision_cfg).apply)({'params': setup['vparams']}, *args)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
@@ -227,8 +227,9 @@ def test_rope_cos_sin_are_computed_once_per_step(layout):
   import flax.linen as nn
   model = MoonViT(vision_cfg)
   inputs = dummy_inputs(vision_cfg, batch=1, num_patches=64)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), *inputs)['params'])
-  # Inputs are arguments (as in training), so nothing about the angles is constant-folded.
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)['params'])
+  # Inputs are arguments (as in training), so nothing about the angles is constant-folded;
+  # the params only need their shapes (the step is compiled, not run).
   grad = jax.jit(jax.grad(lambda p, *x: jnp.sum(model.apply({'params': p}, *x) ** 2)))
   hlo = grad.lower(params, *inputs).compile().as_text()
   assert vision_cfg.num_hidden_layers >= 2

@@ -9,6 +9,21 @@ import pytest
 from kimi_vl_jax.train import checkpoint as ckpt_lib, loop
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _one_compilation_cache(tmp_path_factory):
+  """The module's runs compile the same tiny-LM programs (sampler, reference log-probs, train
+  step): one persistent compilation cache serves them all (run_experiment's 'auto' cache uses
+  an already set directory). A program that differs (a poisoned loss, a decode budget) misses
+  it and compiles."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  before = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
+  cc.reset_cache()
+  yield
+  jax.config.update('jax_compilation_cache_dir', before)
+  cc.reset_cache()
+
+
 def _rl_config(iterations=2):
   from kimi_vl_jax.config import base_config
   c = base_config('tiny')

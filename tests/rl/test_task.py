@@ -32,12 +32,19 @@ def _batch(b=4, s=12, seed=0):
           'rl_weight': jnp.asarray([1.0, 1.0, 1.0, 0.0])}     # the last row is padding
 
 
-@pytest.mark.parametrize('vocab_chunk', [0, 96])
-def test_sequence_logp_sums_the_response_tokens(vocab_chunk):   # full logits; vocab slices
+@pytest.fixture(scope='module')
+def tiny_lm():
+  """(config, the tiny LM task, its params, its other variables): one jitted init for the
+  module's tests."""
   c = base_config('tiny')
   base = tasks.lm_task(c.model, c.train)
-  variables = nn.unbox(base.init(jax.random.PRNGKey(0)))
-  params, extra = variables.pop('params'), variables
+  variables = nn.unbox(jax.jit(base.init)(jax.random.PRNGKey(0)))
+  return c, base, variables['params'], {k: v for k, v in variables.items() if k != 'params'}
+
+
+@pytest.mark.parametrize('vocab_chunk', [0, 96])
+def test_sequence_logp_sums_the_response_tokens(tiny_lm, vocab_chunk):   # full logits; vocab slices
+  c, base, params, extra = tiny_lm
   batch = _batch()
   got = jax.jit(lambda p: sequence_logp(base, p, extra, batch, vocab_chunk=vocab_chunk)[0])(params)
   logits, _ = jax.jit(base.model.apply)({'params': params, **extra}, batch['tokens'],
@@ -52,12 +59,9 @@ def test_sequence_logp_sums_the_response_tokens(vocab_chunk):   # full logits; v
   chex.assert_trees_all_close(got, jnp.asarray(want), rtol=1e-5, atol=1e-4)
 
 
-def test_rl_loss_is_the_mean_per_sequence_loss_over_real_rows():
-  c = base_config('tiny')
-  base = tasks.lm_task(c.model, c.train)
+def test_rl_loss_is_the_mean_per_sequence_loss_over_real_rows(tiny_lm):
+  c, base, params, extra = tiny_lm
   task = rl_task(base, c.train, tau=0.3)
-  variables = nn.unbox(base.init(jax.random.PRNGKey(0)))
-  params, extra = variables.pop('params'), variables
   batch = _batch()
 
   def via_task(p):
@@ -79,19 +83,16 @@ def test_rl_loss_is_the_mean_per_sequence_loss_over_real_rows():
   assert not np.any(np.asarray(g_adv))
 
 
-def test_mirror_descent_raises_the_reward_of_a_sampled_policy():
+def test_mirror_descent_raises_the_reward_of_a_sampled_policy(tiny_lm):
   """Iterations of sample -> score -> update -> reset on the tiny LM, with the reward 'the
   response token is in the lower half of the vocabulary': the policy's reward rises."""
   import optax
   from kimi_vl_jax.rl import rollout  # noqa: F401  (the host side is tested in test_rollout)
   from kimi_vl_jax.train import evaluate, state as state_lib, step as step_lib
-  c = base_config('tiny')
-  base = tasks.lm_task(c.model, c.train)
+  c, base, params, extra = tiny_lm
   task = rl_task(base, c.train, tau=0.1)
   tx = optax.adam(1e-2)
-  variables = nn.unbox(base.init(jax.random.PRNGKey(0)))
-  params = variables.pop('params')
-  state = state_lib.create_state(params, variables, tx, jax.random.PRNGKey(1))
+  state = state_lib.create_state(params, extra, tx, jax.random.PRNGKey(1))
   step = jax.jit(step_lib.make_train_step(task, tx, step_lib.StepConfig(grad_clip_norm=1.0)))
   decode = jax.jit(evaluate.make_decoder(base, 1, None, temperature=1.0))
   ref_logp = jax.jit(lambda p, e, b: sequence_logp(base, p, e, b)[0])

@@ -2,7 +2,6 @@
 projector do; the stage leaves a final checkpoint, metrics, curves and a stage report."""
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -29,7 +28,11 @@ def test_alignment_freezes_the_lm(tmp_path):
 
   stage = stages_lib.resolve(c, 'alignment')
   prep = loop.prepare_stage(c, stage, mesh_lib.build_mesh(c.mesh))
-  init = jax.device_get(nn.unbox(jax.jit(prep.task.init)(prep.rng))['params'])
+  # The state the stage started from, built as the loop built it (its compiled init comes
+  # from the run's persistent compilation cache).
+  with loop.compilation_cache(c.train.compilation_cache, workdir):
+    start, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
+  init = jax.device_get(start.params)
   ck = ckpt_lib.StageCheckpoints(workdir, 'alignment')
   assert ck.read_meta()['complete']
   final = ck.restore_raw()['params']

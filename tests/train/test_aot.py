@@ -96,7 +96,10 @@ def test_cli_compiles_the_demo_recipe_for_a_topology(tmp_path):
   base = ['--config=experiments/demo.py', '--mode=aot', f'--workdir={tmp_path}']
   mesh = ['--config.mesh.data=1', '--config.mesh.fsdp=2', '--config.mesh.expert=2',
           '--config.stages.long_context_2.global_batch=4']   # the demo's 2 rows: 1 per chip
-  r = run(*base, *mesh, f'--topology={TOPOLOGY}', '--stages=sft_1')
+  # The layer stacks as one rolled loop (scan_unroll=1, the A3B recipe's setting): the same
+  # program per layer, compiled in ~27 s here vs ~43 s for the demo's straight-line layers.
+  rolled = ['--config.model.lm.scan_unroll=1', '--config.model.vision.scan_unroll=1']
+  r = run(*base, *mesh, *rolled, f'--topology={TOPOLOGY}', '--stages=sft_1')
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'sft_1: 4 x TPU' in r.stdout and 'fits, per device' in r.stdout, r.stdout
   report = json.load(open(tmp_path / 'aot.json'))

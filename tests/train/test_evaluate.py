@@ -84,9 +84,10 @@ def test_held_out_descriptions_name_the_view_an_eval_set_uses():
   assert described['counting'] == 'shapes?tasks=count&max_side=112'
 
 
-def _tiny_kimi_vl_and_prompts(seed: int, max_new: int):
-  """A random tiny Kimi-VL task (params, other variables) and 3 counting prompts with images."""
-  import flax.linen as nn
+@pytest.fixture(scope='module')
+def tiny_kimi_vl():
+  """The tiny Kimi-VL task, its jitted init (one compile serves every seed), the tokenizer and
+  the image processor's config."""
   import jax
   from kimi_vl_jax.data import image_processor as ip
   from kimi_vl_jax.data import special_tokens as st
@@ -97,19 +98,27 @@ def _tiny_kimi_vl_and_prompts(seed: int, max_new: int):
   tok = load_or_train(c.data.tokenizer, c.model.lm.vocab_size, c.data.tokenizer_cache)
   image_cfg = ip.ImageProcessorConfig.from_vision_config(c.model.vision, c.data.in_token_limit)
   task = tasks.kimi_vl_task(c.model, c.train, media_pad_id=tok.token_id(st.MEDIA_PAD))
-  variables = nn.unbox(task.init(jax.random.PRNGKey(seed)))
+  return c, tok, image_cfg, task, jax.jit(task.init)
+
+
+def _tiny_kimi_vl_and_prompts(tiny_kimi_vl, seed: int, max_new: int):
+  """A random tiny Kimi-VL task (params, other variables) and 3 counting prompts with images."""
+  import flax.linen as nn
+  import jax
+  c, tok, image_cfg, task, init = tiny_kimi_vl
+  variables = nn.unbox(init(jax.random.PRNGKey(seed)))
   params = variables.pop('params')
   ds = evaluate.eval_dataset(c, 'shapes', ('count',), seq_len=256)
   return task, params, variables, [evaluate._prompt(ds[i], tok, image_cfg, 256 - max_new)
                                    for i in range(3)]
 
 
-def test_greedy_rows_cut_to_the_prompts_decode_like_the_stage_rows():
+def test_greedy_rows_cut_to_the_prompts_decode_like_the_stage_rows(tiny_kimi_vl):
   """Eval rows hold the prompts (64-token and 64-slot multiples), not the stage's training
   rows; the decoded tokens are the same as in full-size rows (padding is never attended)."""
   import jax
   import numpy as np
-  task, params, variables, prompts = _tiny_kimi_vl_and_prompts(seed=0, max_new=4)
+  task, params, variables, prompts = _tiny_kimi_vl_and_prompts(tiny_kimi_vl, seed=0, max_new=4)
   seq, slots = evaluate._eval_shape(prompts, 4, seq_len=256, patches=512)
   assert (seq, slots) == (64, 64), (seq, slots)
   assert evaluate._eval_shape(prompts, 4, seq_len=48, patches=32) == (48, 32)   # capped
@@ -129,7 +138,7 @@ def test_greedy_rows_cut_to_the_prompts_decode_like_the_stage_rows():
     assert (row_early[k:] == stop).all()
 
 
-def test_cached_greedy_decodes_what_full_forwards_decode():
+def test_cached_greedy_decodes_what_full_forwards_decode(tiny_kimi_vl):
   """make_greedy prefills the latent KV cache once and decodes one token per LM step; the
   tokens equal those of re-running the whole model (vision tower included) over the row for
   every new token."""
@@ -137,7 +146,7 @@ def test_cached_greedy_decodes_what_full_forwards_decode():
   import jax.numpy as jnp
   import numpy as np
   from kimi_vl_jax.train import tasks
-  task, params, variables, prompts = _tiny_kimi_vl_and_prompts(seed=1, max_new=6)
+  task, params, variables, prompts = _tiny_kimi_vl_and_prompts(tiny_kimi_vl, seed=1, max_new=6)
   seq, slots = evaluate._eval_shape(prompts, 6, seq_len=256, patches=512)
   rows = evaluate._rows(prompts, seq, 4, slots)
   got = np.asarray(jax.jit(evaluate.make_greedy(task, 6))(params, variables, rows))

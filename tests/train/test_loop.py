@@ -27,8 +27,12 @@ def _cmd(workdir, steps, every):
           f'--workdir={workdir}', '--mode=train']
 
 
-def _env():
+def _env(cache_dir):
   env = dict(os.environ)
+  # One persistent compilation cache for the test's runs: the first compiles the step, the
+  # others load it (a program that differs, e.g. in what a resumed run bakes in, misses the
+  # cache and compiles; the runs' own 'auto' caches would only serve the resumed run).
+  env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
   # Single-threaded Eigen: threaded CPU dots/reductions may split work by load, which moves
   # the last bits between processes; bitwise resume is a property of the trainer, not of that.
   env['XLA_FLAGS'] = ('--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false '
@@ -65,14 +69,15 @@ def _wait_for(path, proc, timeout=300):
 @pytest.mark.slow
 def test_exact_resume_after_kill9_and_sigterm(tmp_path):
   ref, cut, term = (str(tmp_path / n) for n in ('ref', 'cut', 'term'))
-  subprocess.run(_cmd(ref, 2 * N, N), cwd=ROOT, env=_env(), check=True, capture_output=True)
+  env = _env(str(tmp_path / 'compilation_cache'))
+  subprocess.run(_cmd(ref, 2 * N, N), cwd=ROOT, env=env, check=True, capture_output=True)
 
-  proc = subprocess.Popen(_cmd(cut, 2 * N, N // 2), cwd=ROOT, env=_env(),
+  proc = subprocess.Popen(_cmd(cut, 2 * N, N // 2), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   _wait_for(os.path.join(cut, 'checkpoints', 'joint_pretrain', str(N)), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  resumed = subprocess.run(_cmd(cut, 2 * N, N // 2), cwd=ROOT, env=_env(), capture_output=True,
+  resumed = subprocess.run(_cmd(cut, 2 * N, N // 2), cwd=ROOT, env=env, capture_output=True,
                            text=True)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
 
@@ -83,7 +88,7 @@ def test_exact_resume_after_kill9_and_sigterm(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _final_params(cut), _final_params(ref))
 
   # SIGTERM mid-run: the process saves a checkpoint and exits 0; it restores and is not final.
-  proc = subprocess.Popen(_cmd(term, 1000, 0), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_cmd(term, 1000, 0), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(term, 'joint_pretrain', 'metrics.jsonl')
   t0 = time.time()
@@ -175,14 +180,13 @@ def test_train_step_exchanges_tokens_over_the_expert_axis_and_matches_data_paral
     prep = loop.prepare_stage(config, stage, mesh)
     batch = shard_lib.make_global_batch(prep.source.next(), mesh)
     st, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
-    new, metrics = prep.jitted(st, batch)
-    out[expert] = (float(metrics['loss']), jax.device_get(new.params))
-    if expert == 2:
-      st, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
+    if expert == 2:   # lowered before the step runs: the step donates (consumes) the state
       trainer = _collectives(prep.jitted.lower(st, batch))
       no_mesh = _collectives(prep.jitted.fn.lower(st, batch))   # traced without the context
       assert trainer['all-to-all'] > no_mesh['all-to-all'], (trainer, no_mesh)
       assert trainer['all-gather'] < no_mesh['all-gather'] / 2, (trainer, no_mesh)
+    new, metrics = prep.jitted(st, batch)
+    out[expert] = (float(metrics['loss']), jax.device_get(new.params))
   np.testing.assert_allclose(out[2][0], out[1][0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                out[2][1], out[1][1])
@@ -211,7 +215,12 @@ def test_stages_differing_only_in_lr_and_router_rate_share_one_program():
     stage = stages_lib.resolve(c, name)
     prep = loop.prepare_stage(c, stage, mesh)
     batch = shard_lib.make_global_batch(prep.source.next(), mesh)
-    st, _ = loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng, None)
+    # Lowering needs only the state's shapes and shardings (the same text as with the
+    # initialized state; running the init would compile it for nothing).
+    st = jax.eval_shape(lambda: loop._init_state(prep.task, prep.opt, prep.shardings, prep.rng,
+                                                 None)[0])
+    st = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), st,
+                      prep.shardings)
     texts.append(prep.jitted.lower(st, batch).as_text())
     hparams.append(jax.device_get(prep.jitted.hparams))
   assert hparams[0]['router_bias_rate'] > 0 and hparams[1]['router_bias_rate'] == 0

@@ -19,9 +19,9 @@ def test_chunked_matches_full_logits_values_and_grads():
   def chunked(h, w):
     return jnp.sum(losses.chunked_cross_entropy(h, w, t, chunk_size=16, soft_cap=5.0))
 
-  chex.assert_trees_all_close(chunked(h, w), full(h, w), rtol=1e-5)
-  chex.assert_trees_all_close(jax.grad(chunked, (0, 1))(h, w), jax.grad(full, (0, 1))(h, w),
-                              rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(jax.jit(chunked)(h, w), jax.jit(full)(h, w), rtol=1e-5)
+  grad = lambda f: jax.jit(jax.grad(f, (0, 1)))
+  chex.assert_trees_all_close(grad(chunked)(h, w), grad(full)(h, w), rtol=1e-4, atol=1e-5)
 
 
 def test_shift_targets_respects_segments_and_loss_mask():
@@ -56,12 +56,12 @@ def test_token_chunks_match_full_logits_values_and_grads():
   def sliced(h, w):
     return losses.chunked_cross_entropy(h, w, t, chunk_size=16, token_chunk=4, soft_cap=5.0)
 
-  chex.assert_shape(sliced(h, w), (2, 11))
-  chex.assert_trees_all_close(sliced(h, w), full(h, w), rtol=1e-5, atol=1e-6)
+  got = jax.jit(sliced)(h, w)
+  chex.assert_shape(got, (2, 11))
+  chex.assert_trees_all_close(got, jax.jit(full)(h, w), rtol=1e-5, atol=1e-6)
   weights = jnp.arange(22.0).reshape(2, 11)   # distinct per-token weights: grads see positions
-  loss = lambda f: lambda h, w: jnp.sum(f(h, w) * weights)
-  chex.assert_trees_all_close(jax.grad(loss(sliced), (0, 1))(h, w),
-                              jax.grad(loss(full), (0, 1))(h, w), rtol=1e-4, atol=1e-5)
+  grad = lambda f: jax.jit(jax.grad(lambda h, w: jnp.sum(f(h, w) * weights), (0, 1)))
+  chex.assert_trees_all_close(grad(sliced)(h, w), grad(full)(h, w), rtol=1e-4, atol=1e-5)
 
 
 def test_token_chunks_bound_the_logits_block():

@@ -51,13 +51,13 @@ def test_coca_heads_loss_and_grads_finite():
   pmask = jnp.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 6, [0] * 6])
   cap = jax.random.randint(jax.random.PRNGKey(4), (4, 8), 1, 50)
   cmask = jnp.array([[1] * 8, [1] * 5 + [0] * 3, [1] * 8, [1] * 8])
-  variables = heads.init(jax.random.PRNGKey(0), feats, pmask, cap, cmask)
+  variables = jax.jit(heads.init)(jax.random.PRNGKey(0), feats, pmask, cap, cmask)
 
   def loss(p):
     out = heads.apply({'params': p}, feats, pmask, cap, cmask)
     return out['loss'], out
 
-  (value, out), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
   chex.assert_tree_all_finite((value, grads))
   np.testing.assert_allclose(value, out['siglip'] + 2 * out['caption'], rtol=1e-6)
   assert float(jnp.abs(grads['log_temperature'])) > 0

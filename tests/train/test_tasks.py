@@ -20,12 +20,13 @@ def test_chunked_vocab_loss_matches_full_logits_on_the_lm():
            'positions': jnp.asarray(np.repeat([list(range(10)) + list(range(6))], b, 0), jnp.int32),
            'loss_mask': jnp.ones((b, s), jnp.int32), 'source_ids': jnp.zeros((b, s), jnp.int32)}
   out = []
+  # The chunk settings change only the loss: one init serves all three tasks (and greedy).
+  variables = nn.unbox(jax.jit(tasks.lm_task(c.model, c.train).init)(jax.random.PRNGKey(0)))
+  params, extra = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
   # Full logits; vocabulary slices; vocabulary and sequence slices (16 tokens in slices of 6).
   for chunk, token_chunk in ((0, 0), (96, 0), (96, 6)):
     c.train.loss_vocab_chunk, c.train.loss_token_chunk = chunk, token_chunk
     task = tasks.lm_task(c.model, c.train, ('a',))
-    variables = nn.unbox(task.init(jax.random.PRNGKey(0)))
-    params, extra = variables.pop('params'), variables
 
     def f(p):
       obj, aux = task.loss(p, extra, batch, None)
@@ -37,15 +38,15 @@ def test_chunked_vocab_loss_matches_full_logits_on_the_lm():
 
   # Greedy next token from hidden states == argmax of the full logits at the last prompt token.
   task = tasks.lm_task(c.model, c.train)
-  variables = nn.unbox(task.init(jax.random.PRNGKey(0)))
   lens = jnp.array([5, 9], jnp.int32)
   toks = batch['tokens']
   new = jax.jit(evaluate.make_greedy(task, 1))(variables['params'], {'router': variables['router']},
                                                 {'tokens': toks, 'lens': lens})
+  full_logits = jax.jit(task.model.apply)
   for i in range(b):
     n = int(lens[i])
-    logits, _ = task.model.apply(variables, toks[i:i + 1, :n], jnp.ones((1, n), jnp.int32),
-                                 jnp.arange(n)[None])
+    logits, _ = full_logits(variables, toks[i:i + 1, :n], jnp.ones((1, n), jnp.int32),
+                            jnp.arange(n)[None])
     assert int(new[i, 0]) == int(jnp.argmax(logits[0, -1]))
 
 
@@ -57,8 +58,9 @@ def test_vit_pretrain_caption_loss_per_source():
   b, p, t = 4, 16, 6
   task = tasks.vit_pretrain_task(c.model, num_patches=p, caption_len=t, source_names=('a', 'b'))
   assert task.source_names == ('a', 'b')
-  variables = nn.unbox(task.init(jax.random.PRNGKey(0)))
+  variables = nn.unbox(jax.jit(task.init)(jax.random.PRNGKey(0)))
   params = variables.pop('params')
+  loss = jax.jit(task.loss)   # compiled for the whole batch and for the two-row subsets
   grid = np.full((b, p), 4, np.int32)
   batch = {'patches': rng.normal(size=(b, p, 588)).astype(np.float32),
            'patch_segment_ids': np.ones((b, p), np.int32),
@@ -69,13 +71,13 @@ def test_vit_pretrain_caption_loss_per_source():
            'caption_mask': np.array([[1] * 6, [1] * 4 + [0] * 2, [1] * 5 + [0], [1] * 3 + [0] * 3],
                                     np.int32),
            'source_ids': np.array([0, 1, 1, 0], np.int32)}
-  _, aux = task.loss(params, variables, batch, None)
+  _, aux = loss(params, variables, batch, None)
   per_source = aux['sums']['source_loss_sum'] / aux['sums']['source_weight_sum']
   # Next-token targets per row: caption length - 1.
   np.testing.assert_array_equal(aux['sums']['source_weight_sum'], [5 + 2, 3 + 4])
   for k, rows in enumerate(([0, 3], [1, 2])):
     sub = {key: v[rows] for key, v in batch.items()}
-    _, aux_k = task.loss(params, variables, sub, None)
+    _, aux_k = loss(params, variables, sub, None)
     np.testing.assert_allclose(per_source[k], aux_k['means']['caption'], rtol=1e-5)
   np.testing.assert_allclose(aux['sums']['source_loss_sum'].sum() / 14, aux['means']['caption'],
                              rtol=1e-5)
