@@ -162,8 +162,8 @@ def test_sequence_balance_loss_matches_numpy():
     losses.append((f * p).sum())
   np.testing.assert_allclose(aux['balance_loss'], alpha * np.mean(losses), rtol=1e-5)
   # The loss trains the router (through the scores), not the selection.
-  grad = jax.grad(lambda p: MoEBlock(cfg).apply({**variables, 'params': p}, x, seg)[1][
-      'balance_loss'])(variables['params'])
+  grad = jax.jit(jax.grad(lambda p: MoEBlock(cfg).apply({**variables, 'params': p}, x, seg)[1][
+      'balance_loss']))(variables['params'])
   assert float(jnp.abs(grad['gate']['kernel']).max()) > 0
 
 

@@ -43,9 +43,13 @@ def _task(poison=False, vocab=32, width=16):
   return step_lib.Task('tiny', init, loss)
 
 
-def _setup(task, tx, cfg, trainable=None, devices=8):
-  mesh = mesh_lib.build_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2, expert=1, tensor=1)),
+def _mesh(devices=8):
+  return mesh_lib.build_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=2, expert=1, tensor=1)),
                              jax.devices()[:devices])
+
+
+def _setup(task, tx, cfg, trainable=None, devices=8):
+  mesh = _mesh(devices)
   abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))
   sh = state_lib.state_shardings(abstract, tx, mesh)
 
@@ -66,6 +70,7 @@ def _batch(seed, b=8, s=8):
 
 class Toy:
   task = staticmethod(_task)
+  mesh = staticmethod(_mesh)
   setup = staticmethod(_setup)
   batch = staticmethod(_batch)
 

@@ -81,8 +81,7 @@ def _muon_setup(toy, lr, schedule, rate):
   ocfg = base_config('tiny').optim
   ocfg.update(dict(lr=lr, schedule=schedule, warmup_steps=1))
   abstract = jax.eval_shape(task.init, jax.random.PRNGKey(0))['params']
-  mesh = toy.setup(task, optax.adamw(1e-2), step_lib.StepConfig())[0]
-  tx = build_optimizer(ocfg, abstract, mesh, total_steps=6)
+  tx = build_optimizer(ocfg, abstract, toy.mesh(), total_steps=6)
   cfg = step_lib.StepConfig(router_bias_rate=rate)
   mesh, sh, st = toy.setup(task, tx, cfg)
   return task, tx, cfg, mesh, sh, st
