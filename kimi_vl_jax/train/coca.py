@@ -115,7 +115,11 @@ class CocaHeads(nn.Module):
   @nn.compact
   def __call__(self, feats_bpd, patch_mask_bp, caption_bt, caption_mask_bt, source_ids_b=None):
     """Returns {'siglip': scalar, 'caption': mean caption NLL per token, 'caption_loss_sum',
-    'caption_weight_sum', 'source_loss_sum' [K], 'source_weight_sum' [K], 'loss'}.
+    'caption_weight_sum', 'source_loss_sum' [K], 'source_weight_sum' [K], 'loss', and the
+    SigLIP inputs 'zimg' [B, E], 'ztxt' [B, E], 'valid' [B] (1.0 for examples with an image)}.
+
+    'siglip' is over these B examples; a step that accumulates microbatches recomputes it over
+    the whole batch from the SigLIP inputs (``tasks.vit_pretrain_task``).
 
     Args:
       feats_bpd: vision features of one image per example (padding slots arbitrary).
@@ -152,4 +156,5 @@ class CocaHeads(nn.Module):
             'caption_loss_sum': sums['loss_sum'], 'caption_weight_sum': sums['weight_sum'],
             'source_loss_sum': sums['source_loss_sum'],
             'source_weight_sum': sums['source_weight_sum'],
-            'loss': l_siglip + 2.0 * caption}
+            'loss': l_siglip + 2.0 * caption,
+            'zimg': zimg, 'ztxt': ztxt, 'valid': valid_n.astype(jnp.float32)}

@@ -7,6 +7,18 @@ microbatches (must contain ``denom``, the normalizer of ``objective_sum``, e.g. 
 target tokens) and ``aux['means']`` are averaged. Dividing the summed objective by the summed
 denominator once makes accumulation over M microbatches equal to one big batch.
 
+A term that couples every example of the batch (SigLIP's contrastive loss: each image against
+every caption) is not a sum over microbatches. A task declares it as ``Task.coupled``
+(``CoupledLoss``), and with M > 1 the step splits it off as GradCache does (Gao et al. 2021):
+1. a forward pass over each microbatch collects the per-example embeddings the term reads
+   (only what they need is computed: the rest of the forward is dead code to XLA);
+2. the term on the whole batch's embeddings, differentiated with respect to the parameters it
+   reads directly and to each embedding;
+3. forward+backward over each microbatch of its local objective plus
+   ``<stop_gradient(d term / d embedding), embedding>``, which carries the term's gradient
+   into the towers.
+Gradients and loss then equal one big batch's, at the cost of one more forward pass.
+
 Per-stage numbers as data: ``step(state, batch, hparams)`` with ``hparams = step_hparams(...)``
 takes the lr schedule's numbers and the router-bias rate as arguments instead of compiling them
 in, so stages that differ only in those numbers (joint pretraining and cooldown; long-context
@@ -36,6 +48,20 @@ from kimi_vl_jax.train.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
+class CoupledLoss:
+  """A task's objective split into a per-example part and a whole-batch part (module docstring).
+
+  ``split(params, extra, batch, rng) -> (local_objective_sum, aux, embeddings)``: ``aux`` as
+  ``Task.loss`` returns it; ``embeddings`` a pytree of float per-example arrays ``[B, ...]``.
+  ``objective(params, embeddings, sums) -> (objective_sum, means)``: the coupled term on the
+  embeddings of a whole batch, with that batch's summed ``aux['sums']``.
+  ``Task.loss`` must equal ``local + objective(...)`` on any one batch (tested per task).
+  """
+  split: Callable[..., tuple[jax.Array, dict, Any]]
+  objective: Callable[..., tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
   """What a stage trains (see the module docstring)."""
   name: str
@@ -44,6 +70,7 @@ class Task:
   source_names: tuple[str, ...] = ()
   model: Any = None           # the Flax module, for evaluation / generation
   model_config: Any = None
+  coupled: Optional[CoupledLoss] = None   # a whole-batch term (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +127,62 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, cfg: StepConfi
 
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
+  def coupled_accumulate(params, extra, batch, rng):
+    """(grads, objective, sums, means) of M microbatches with ``task.coupled`` over the whole
+    batch (module docstring, steps 1-3)."""
+    m = cfg.microbatches
+    micro = _split_micro(batch, m)
+    rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(m))
+    prep = lambda p: _cast(_masked(p, trainable, jax.lax.stop_gradient), cfg.param_cast_dtype)
+    split = lambda p, mb, r: task.coupled.split(prep(p), extra, mb, r)
+
+    def embed(_, xs):                                       # 1: embeddings [M, B/M, ...]
+      mb, r = xs
+      _, aux, emb = split(params, mb, r)
+      return None, (emb, aux['sums'])
+
+    _, (emb_m, sums_m) = jax.lax.scan(embed, None, (micro, rngs))
+    # Only the sums the term reads are kept from this pass (XLA drops the rest, e.g. the caption
+    # decoder behind per-source sums); the step reports pass 3's.
+    sums1 = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums_m)
+
+    def coupled_of(p, emb_m):                               # 2: the whole batch's term
+      flat = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), emb_m)
+      obj, means = task.coupled.objective(prep(p), flat, sums1)
+      return obj.astype(jnp.float32), means
+
+    (c_obj, c_means), (c_grads, d_emb_m) = jax.value_and_grad(
+        coupled_of, argnums=(0, 1), has_aux=True)(params, emb_m)
+
+    def surrogate(p, mb, d_emb, r):                         # 3: local + <dL/demb, emb>
+      local, aux, emb = split(p, mb, r)
+      pull = sum(jnp.vdot(jax.lax.stop_gradient(d).astype(jnp.float32), e.astype(jnp.float32))
+                 for d, e in zip(jax.tree.leaves(d_emb), jax.tree.leaves(emb)))
+      return local.astype(jnp.float32) + pull, (local.astype(jnp.float32), aux)
+
+    def body(carry, xs):
+      g_acc, obj_acc, sums_acc, means_acc = carry
+      mb, d_emb, r = xs
+      (_, (local, aux)), g = jax.value_and_grad(surrogate, has_aux=True)(params, mb, d_emb, r)
+      add = lambda u, v: jax.tree.map(jnp.add, u, v)
+      return (add(g_acc, g), obj_acc + local, add(sums_acc, aux['sums']),
+              add(means_acc, aux.get('means', {}))), None
+
+    aux0 = jax.eval_shape(lambda: split(params, jax.tree.map(lambda x: x[0], micro), rngs[0])[1])
+    zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)
+    (grads, obj, sums, means), _ = jax.lax.scan(
+        body, (c_grads, c_obj, zeros(aux0['sums']), zeros(aux0.get('means', {}))),
+        (micro, d_emb_m, rngs))
+    means = {**jax.tree.map(lambda x: x / m, means), **c_means}
+    return grads, obj, sums, means
+
   def step(state: TrainState, batch, hparams=None) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(state.rng, state.step)
     if cfg.microbatches == 1:
       (obj, aux), grads = grad_fn(state.params, state.extra, batch, rng)
       sums, means = aux['sums'], aux.get('means', {})
+    elif task.coupled is not None:
+      grads, obj, sums, means = coupled_accumulate(state.params, state.extra, batch, rng)
     else:
       micro = _split_micro(batch, cfg.microbatches)
 

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import FrozenConfigDict
 
-from kimi_vl_jax.train import losses
+from kimi_vl_jax.train import losses, siglip
 from kimi_vl_jax.train.coca import CocaHeads
-from kimi_vl_jax.train.step import Task
+from kimi_vl_jax.train.step import CoupledLoss, Task
 
 LM_KEYS = ('tokens', 'segment_ids', 'positions', 'loss_mask', 'source_ids')
 PATCH_KEYS = ('patches', 'patch_segment_ids', 'patch_rows', 'patch_cols', 'patch_grid_h',
@@ -156,9 +156,15 @@ class VitPretrainModel(nn.Module):
 
 def vit_pretrain_task(model_cfg, num_patches: int = 16, caption_len: int = 8,
                       source_names=()) -> Task:
-  """MoonViT + CoCa heads. With ``source_names`` and a batch ``source_ids [B]``, the step's
-  ``source_loss`` metrics are the caption NLL per token of each source (SigLIP is a loss over
-  the whole batch and has no per-source share)."""
+  """MoonViT + CoCa heads: ``L = L_siglip + 2 * L_caption``.
+
+  The objective sum is ``2 * caption NLL sum + L_siglip * denom`` with ``denom`` the caption
+  target tokens, so the step's ``objective / denom`` is that L with the caption NLL per token of
+  the whole batch. SigLIP pairs every image with every caption of the batch, so it is the task's
+  ``coupled`` term: a step that accumulates microbatches still takes its negatives from the
+  whole batch (``step.py``). With ``source_names`` and a batch ``source_ids [B]``, the step's
+  ``source_loss`` metrics are the caption NLL per token of each source (SigLIP has no
+  per-source share)."""
   cfg = FrozenConfigDict({'vision': model_cfg.vision.to_dict(), 'coca': model_cfg.coca.to_dict()})
   model = VitPretrainModel(cfg, num_sources=len(source_names))
   patch_dim = cfg.vision.num_channels * cfg.vision.patch_size ** 2
@@ -170,18 +176,32 @@ def vit_pretrain_task(model_cfg, num_patches: int = 16, caption_len: int = 8,
     return model.init(rng, jnp.zeros((1, num_patches, patch_dim)), seg, seg * 0, seg * 0, grid, grid,
                       cap, cap)
 
-  def loss(params, extra, batch, rng):
+  def split(params, extra, batch, rng):
+    """(2 * caption NLL sum, aux, SigLIP inputs {'zimg', 'ztxt', 'valid'})."""
     del rng
     out = model.apply({'params': params, **extra}, *(batch[k] for k in PATCH_KEYS),
                       batch['caption'], batch['caption_mask'], batch.get('source_ids'))
-    sums = {'denom': jnp.ones((), jnp.float32)}
+    sums = {'denom': out['caption_weight_sum']}
     if source_names:
       sums.update(source_loss_sum=out['source_loss_sum'],
                   source_weight_sum=out['source_weight_sum'])
-    return out['loss'], {'sums': sums,
-                         'means': {'siglip': out['siglip'], 'caption': out['caption']}}
+    embeddings = {k: out[k] for k in ('zimg', 'ztxt', 'valid')}
+    return 2.0 * out['caption_loss_sum'], {'sums': sums, 'means': {'caption': out['caption']}}, \
+        embeddings
 
-  return Task('vit_pretrain', init, loss, tuple(source_names), model, cfg)
+  def siglip_objective(params, embeddings, sums):
+    coca = params['coca']
+    value = siglip.siglip_loss(embeddings['zimg'], embeddings['ztxt'], coca['log_temperature'],
+                               coca['bias'], embeddings['valid'] > 0)
+    return value * sums['denom'].astype(jnp.float32), {'siglip': value}
+
+  def loss(params, extra, batch, rng):
+    local, aux, embeddings = split(params, extra, batch, rng)
+    coupled, means = siglip_objective(params, embeddings, aux['sums'])
+    return local + coupled, {**aux, 'means': {**aux['means'], **means}}
+
+  return Task('vit_pretrain', init, loss, tuple(source_names), model, cfg,
+              coupled=CoupledLoss(split, siglip_objective))
 
 
 def host_batch_tokens(batch: dict) -> int:

@@ -1,4 +1,7 @@
-"""Train step: microbatch accumulation == one batch, non-finite skip, frozen params, shardings."""
+"""Train step: microbatch accumulation == one batch (also with a whole-batch SigLIP term),
+non-finite skip, frozen params, shardings."""
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -6,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from kimi_vl_jax.train import step as step_lib
+from kimi_vl_jax.config import base_config
+from kimi_vl_jax.train import step as step_lib, tasks
 
 
 def test_accumulation_matches_single_batch(toy):
@@ -23,6 +27,55 @@ def test_accumulation_matches_single_batch(toy):
   chex.assert_trees_all_close(out[0], out[1], rtol=1e-5, atol=1e-6)
   emb = out[0][0]['embed']['embedding']
   assert emb.sharding.spec[1] == 'fsdp', emb.sharding  # explicit out shardings kept
+
+
+def _vit_batch(b=8, p=16, t=6):
+  rng = np.random.default_rng(0)
+  grid = np.full((b, p), 4, np.int32)
+  cap_len = rng.integers(2, t + 1, b)
+  return {'patches': rng.normal(size=(b, p, 588)).astype(np.float32),
+          'patch_segment_ids': np.ones((b, p), np.int32),
+          'patch_rows': np.tile(np.repeat(np.arange(4), 4), (b, 1)).astype(np.int32),
+          'patch_cols': np.tile(np.tile(np.arange(4), 4), (b, 1)).astype(np.int32),
+          'patch_grid_h': grid, 'patch_grid_w': grid,
+          'caption': rng.integers(3, 512, (b, t)).astype(np.int32),
+          'caption_mask': (np.arange(t)[None] < cap_len[:, None]).astype(np.int32),
+          'source_ids': np.arange(b, dtype=np.int32) % 2}
+
+
+def test_accumulated_siglip_takes_negatives_from_the_whole_batch(toy):
+  """ViT pretraining in 4 microbatches of 2 pairs: the SigLIP term still pairs every image with
+  all 8 captions (the task's coupled term, GradCache-style), so loss, SigLIP value and the
+  updated parameters equal one 8-pair batch's. Without the coupled path (each microbatch its own
+  SigLIP over 2 pairs) they do not."""
+  base = tasks.vit_pretrain_task(base_config('tiny').model, num_patches=16, caption_len=6,
+                                 source_names=('a', 'b'))
+
+  def init(rng):   # bias 0 instead of -10: the negatives weigh as much as the positives
+    variables = base.init(rng)
+    variables['params']['coca']['bias'] = jax.numpy.zeros(())
+    return variables
+
+  task = dataclasses.replace(base, init=init)
+  tx = optax.sgd(0.5)
+  batch = _vit_batch()
+  out = {}
+  for name, m, t in (('one', 1, task), ('gradcache', 4, task),
+                     ('per_microbatch', 4, dataclasses.replace(task, coupled=None))):
+    cfg = step_lib.StepConfig(microbatches=m, grad_clip_norm=0.0)
+    mesh, sh, st = toy.setup(t, tx, cfg, devices=2)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(t, tx, cfg), sh, batch, mesh)
+    st, metrics = fn(st, batch)
+    out[name] = (jax.device_get(st.params), float(metrics['loss']), float(metrics['siglip']),
+                 *np.asarray(metrics['source_loss']))
+  params, loss, sig, *source_loss = out['one']
+  # Float32 sums in another order: parameters of size ~10 after the step agree to ~2e-6.
+  chex.assert_trees_all_close(out['gradcache'][0], params, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out['gradcache'][1:], (loss, sig, *source_loss), rtol=1e-5)
+  assert abs(out['per_microbatch'][2] - sig) > 1e-2, (out['per_microbatch'][2], sig)
+  gap = lambda p: max(np.abs(a - b).max() for a, b in zip(
+      jax.tree.leaves(p['vision_tower']), jax.tree.leaves(params['vision_tower'])))
+  assert gap(out['per_microbatch'][0]) > 100 * max(gap(out['gradcache'][0]), 1e-6)
 
 
 def test_nonfinite_step_is_skipped_and_counted(toy):
