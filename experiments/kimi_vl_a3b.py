@@ -34,8 +34,9 @@ def _one_row_per_device(c):
 
   ``--mode=aot`` per chip of 95.7 GiB HBM (arguments + temporaries + outputs - aliased), on
   v5p-64 for every stage:
-  - vit_pretrain: 50.0 GiB (4096 patch slots a row and 'full' remat; 16384 slots: 380 GB of
-    temporaries). Its SigLIP negatives are those of one microbatch (1024 pairs);
+  - vit_pretrain: 49.4 GiB (4096 patch slots a row and 'full' remat; 16384 slots: 380 GB of
+    temporaries). Its SigLIP loss still pairs each image with all 32768 captions of the step
+    (an embeddings pass over the 32 microbatches of 1024 pairs first, ``train/step.py``);
   - alignment 45.7 GiB; joint_pretrain and cooldown 57.7 GiB at one 8K row per chip (two
     rows, 16 microbatches: 97.6 GiB); on v5p-256 joint_pretrain takes 45.2 GiB;
   - long_context_1, sft_1, long_cot_sft (32K rows, 'full' remat): 37.8 GiB (save_dots: the
