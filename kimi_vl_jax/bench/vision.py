@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
   # noise of each other here (1072, 1043, 1042 ms), so the preset's own value is the default.
   parser.add_argument('--attention_block_size', type=int, default=0,
                       help="JAX attention tile (0: the preset's vision.attention_block_size)")
+  parser.add_argument('--attention_head_groups', type=int, default=0,
+                      help="JAX attention passes over slices of the heads (0: the preset's "
+                           'vision.attention_head_groups)')
   parser.add_argument('--max_patches', type=int, default=0,
                       help='patch slots per data-parallel buffer (0: the balanced share rounded '
                            'up to 64); the one-device buffer always holds all images')
@@ -114,6 +117,8 @@ def main(argv=None) -> dict:
   model_cfg = presets.get_preset(args.preset)
   if args.attention_block_size:
     model_cfg.vision.attention_block_size = args.attention_block_size
+  if args.attention_head_groups:
+    model_cfg.vision.attention_head_groups = args.attention_head_groups
   vcfg = FrozenConfigDict(model_cfg.vision)
   images = _images(0)
   total = sum(im.num_patches for im in images)
@@ -121,7 +126,7 @@ def main(argv=None) -> dict:
   devices = jax.devices()[:n_dev]
   print(f'preset {args.preset}: vision hidden {vcfg.hidden_size}, {vcfg.num_hidden_layers} layers, '
         f'{vcfg.num_attention_heads} heads, attention {vcfg.attention_backend} block '
-        f'{vcfg.attention_block_size}; devices {devices[0].platform} x{n_dev}')
+        f'{vcfg.attention_block_size} in {vcfg.attention_head_groups} head group(s); devices {devices[0].platform} x{n_dev}')
   print(f'images (w x h px -> h x w patches): ' + ', '.join(
       f'{w}x{h}->{im.grid_hw[0]}x{im.grid_hw[1]}' for (w, h), im in zip(IMAGE_SIZES, images)))
   configs = {'dp': n_dev} if n_dev == 1 else {'dp': n_dev, 'one_device': 1}
@@ -200,6 +205,7 @@ def main(argv=None) -> dict:
       'cpu_time_ratio': round(cpu['torch'] / cpu['dp'], 3),
       'torch_threads': threads,
       'attention_block_size': vcfg.attention_block_size,
+      'attention_head_groups': vcfg.attention_head_groups,
   }
   if 'one_device' in wall:
     one = wall['one_device']

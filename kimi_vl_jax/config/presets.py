@@ -94,6 +94,7 @@ def _vision(**overrides) -> ml_collections.ConfigDict:
       max_patches_per_side=512,
       attention_backend='auto',       # auto | xla | cudnn | splash | naive (same op as the LM)
       attention_block_size=512,       # query/key block of the xla backend
+      attention_head_groups=1,        # xla backend: passes over the tiles, H / groups heads each
       scan_layers=True,
       scan_unroll=1,                  # layers per scan iteration (module docstring)
       remat_policy='none',
@@ -154,7 +155,9 @@ def _small():
                    scan_unroll=4,
                    # Rows of many small images: 512-wide tiles spend 7/8 of the work on
                    # cross-image pairs; 128-wide ones are 2.7x faster fwd+bwd on CPU.
-                   attention_block_size=128)
+                   attention_block_size=128,
+                   # 2 heads a pass over the tiles: a 2-6% faster step on CPU (ops/attention).
+                   attention_head_groups=2)
   return _preset('small', lm, vision)
 
 

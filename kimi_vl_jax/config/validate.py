@@ -136,6 +136,10 @@ def _check_vision(cfg):
   _positive_int(cfg, f'{p}.scan_unroll')
   _one_of(cfg, f'{p}.attention_backend', ('auto', 'xla', 'cudnn', 'splash', 'naive'))
   _positive_int(cfg, f'{p}.attention_block_size')
+  _positive_int(cfg, f'{p}.attention_head_groups')
+  if v.num_attention_heads % v.attention_head_groups:
+    _fail(f'{p}.attention_head_groups', f'{v.attention_head_groups} groups do not divide the '
+          f'{v.num_attention_heads} heads')
   _one_of(cfg, f'{p}.dtype', ('float32', 'bfloat16'))
   _one_of(cfg, f'{p}.param_dtype', ('float32', 'bfloat16'))
   proj = cfg.model.projector

@@ -129,7 +129,8 @@ class MoonViTBlock(nn.Module):
     q = nn.with_logical_constraint(apply_rope(q, rope_2bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
     k = nn.with_logical_constraint(apply_rope(k, rope_2bpm), ('batch', 'act_patches', 'act_heads', 'act_kv'))
     o = attention(q, k, v, segment_ids_bp, causal=False, backend=cfg.attention_backend,
-                  scale=hd ** -0.5, block_size=cfg.attention_block_size)
+                  scale=hd ** -0.5, block_size=cfg.attention_block_size,
+                  head_groups=cfg.attention_head_groups)
     o = o.reshape(b, p, d)
     x_bpd = x_bpd + _dense(d, ('vision_heads', 'vision_embed'), cfg, 'wo')(o)
     h = _layer_norm(cfg, cfg.layer_norm_eps, 'norm1')(x_bpd)

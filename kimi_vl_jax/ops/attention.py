@@ -12,7 +12,13 @@ Backends (same inputs, same outputs):
   loops (traced while-loop bounds) over only the span of key tiles its segments and causal
   positions can reach, so tiles of other segments or the causal future cost nothing, not
   even a loop step. A custom VJP recomputes scores blockwise from the saved log-sum-exp, so
-  forward+backward memory is linear in S.
+  forward+backward memory is linear in S. With ``head_groups`` > 1 it makes that many passes
+  over the tiles, each over a slice of the heads, so a pass's score, probability and gradient
+  tiles are that many times smaller and stay closer to a CPU core: the ``small`` preset's
+  MoonViT (4 heads, 128 x 128 tiles) in 2 groups, ``python -m kimi_vl_jax.bench.vision`` run
+  alternately with 2 and 1: one device 969 / 977 vs 1000 / 1068 ms a step, two devices
+  784 / 843 vs 803 / 861 ms. (The bench LM, whose tiles hold 4 rows x 8 heads, ran slower in
+  2, 4 or 8 groups.)
 - ``naive``: full masked softmax (the test oracle; O(S^2) memory).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation='cudnn')`` (GPU, bf16/fp16),
   with the segment/causal mask passed as its boolean ``mask``; v is zero-padded to the
@@ -250,7 +256,13 @@ def _pad_to(x, length, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def _xla(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale, block_size):
+def _xla(q, k, v, seg_q, seg_kv, pos_q, pos_kv, causal, scale, block_size, head_groups=1):
+  if head_groups > 1:
+    hs = q.shape[2] // head_groups
+    group = lambda x, i: x[:, :, i * hs:(i + 1) * hs]
+    return jnp.concatenate(
+        [_xla(group(q, i), group(k, i), group(v, i), seg_q, seg_kv, pos_q, pos_kv, causal, scale,
+              block_size) for i in range(head_groups)], axis=2)
   sq, skv = q.shape[1], k.shape[1]
   bq, bk = min(block_size, sq), min(block_size, skv)
   nq, nk = -(-sq // bq), -(-skv // bk)
@@ -385,7 +397,7 @@ def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
               segment_ids_q_bs: jax.Array, segment_ids_kv_bs: Optional[jax.Array] = None, *,
               causal: bool, backend: str = 'auto', scale: Optional[float] = None,
               block_size: int = 512, positions_q_bs: Optional[jax.Array] = None,
-              positions_kv_bs: Optional[jax.Array] = None) -> jax.Array:
+              positions_kv_bs: Optional[jax.Array] = None, head_groups: int = 1) -> jax.Array:
   """Masked multi-head attention over packed sequences.
 
   Args:
@@ -398,6 +410,8 @@ def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
     block_size: query/key tile of the ``xla`` (and ``splash``) backend.
     positions_q_bs / positions_kv_bs: int [B, S] positions for the causal test (default: the
       index in the sequence; pass the per-segment positions when decoding against a cache).
+    head_groups: the ``xla`` backend's passes over the tiles, each over H / head_groups heads
+      (module docstring); it must divide H. Other backends ignore it.
   Returns:
     [B, Sq, H, Dv] in q's dtype; zeros where the query is padding.
   """
@@ -409,6 +423,8 @@ def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
     raise ValueError(f'attention: incompatible q {q_bshd.shape}, k {k_bshd.shape}, v {v_bshd.shape}')
   b, sq = q_bshd.shape[:2]
   skv = k_bshd.shape[1]
+  if head_groups < 1 or q_bshd.shape[2] % head_groups:
+    raise ValueError(f'attention: head_groups={head_groups} must divide the {q_bshd.shape[2]} heads')
   # Self-attention over one packed row: keys are the queries' own tokens (same ids, same
   # positions). Splash's causal mask is by index, which is causality only in that case.
   self_attention = (segment_ids_kv_bs is None or segment_ids_kv_bs is segment_ids_q_bs) and (
@@ -438,7 +454,8 @@ def attention(q_bshd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
   if name == 'naive':
     return _naive(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale)
   if name == 'xla':
-    return _xla(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale, block_size)
+    return _xla(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale, block_size,
+                head_groups)
   if name == 'cudnn':
     o = _cudnn(q_bshd, k_bshd, v_bshd, seg_q, seg_kv, pos_q, pos_kv, causal, scale)
   else:

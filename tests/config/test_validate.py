@@ -47,6 +47,8 @@ MISTAKES = [
                                            'model.projector.input_size': 36,
                                            'model.projector.merged_size': 144}), None,
      'model.vision.num_attention_heads', 'multiple of 4'),
+    ('vision_head_groups_not_dividing', _set(**{'model.vision.attention_head_groups': 3}), None,
+     'model.vision.attention_head_groups', 'groups do not divide the'),
     ('tensor_axis_not_dividing_lm_heads', _set(**{'mesh.data': 1, 'mesh.tensor': 3,
                                                   'train.global_batch': 3}), 3,
      'mesh.tensor', 'model.lm.num_attention_heads'),

@@ -113,6 +113,28 @@ def test_block_diagonal_non_causal_vision_style():
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize('groups', [2, 4])
+def test_xla_head_groups_match_naive_with_gradients(groups):
+  # Vision-style rows in passes over slices of the heads: same outputs and gradients.
+  s = 50
+  q, k, v = _inputs(7, 1, s, 4, 6, 5)
+  seg, _ = _packed([[4, 16, 9, 20]], s)
+  w = jax.random.normal(jax.random.PRNGKey(8), (1, s, 4, 5))
+
+  def loss(backend, q, k, v, head_groups=1):
+    o = attention(q, k, v, seg, causal=False, backend=backend, block_size=16,
+                  head_groups=head_groups)
+    return jnp.sum(o * w), o
+
+  (_, ref), g_ref = jax.value_and_grad(lambda *a: loss('naive', *a), argnums=(0, 1, 2),
+                                       has_aux=True)(q, k, v)
+  (_, out), g_out = jax.jit(jax.value_and_grad(lambda *a: loss('xla', *a, head_groups=groups),
+                                               argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for a, b in zip(g_out, g_ref):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+
+
 def test_memory_linear_in_length():
   # Compiled temp memory of fwd+bwd grows ~linearly (naive would grow 4x per doubling).
   def temp_bytes(s):
@@ -136,6 +158,8 @@ def test_bad_inputs_and_auto():
     attention(q, k, v, seg, causal=True, backend='flash')
   with pytest.raises(ValueError, match='segment ids'):
     attention(q, k, v, seg[:, :4], causal=True)
+  with pytest.raises(ValueError, match='head_groups=3 must divide the 2 heads'):
+    attention(q, k, v, seg, causal=True, head_groups=3)
   assert resolve_backend('auto') in ('xla', 'cudnn', 'splash')
   if jax.default_backend() == 'cpu':
     assert resolve_backend('auto') == 'xla'
