@@ -11,6 +11,7 @@ attention memory.
    jitted matmul). Model FLOPs = 6 * N_active * tokens (N_active: active matmul parameters, i.e.
    attention, dense MLP, shared experts, top-k routed experts, router, lm_head; not the embedding
    lookup) + attention score/value FLOPs 3 * 2 * B * H * S^2 * (d_qk + d_v) / 2 (causal half).
+   torch's MFU on the same count too, and the MFU the 2x target would take (2 x torch's).
 3. One MoE layer (fwd+bwd) with 64 vs 8 routed experts at the same top-k and expert width:
    the ratio of the medians, and each alternating round's ratio (this host's noise).
 4. Compiled peak memory (arguments + outputs + temporaries, from ``memory_analysis``) of the xla
@@ -268,7 +269,10 @@ def main(argv=None) -> dict:
     print(f'torch train step: {t_torch * 1e3:8.1f} ms  {tokens / t_torch:9.0f} tokens/s  '
           f'(rounds ms: {", ".join(f"{t * 1e3:.0f}" for t in t_torchs)})')
   speedup = t_torch / t_jax
+  torch_mfu = flops / t_torch / peak
   print(f'speedup JAX vs torch: {speedup:.2f}x (target >= 2x); MFU {100 * mfu:.1f}% (target >= 50%)')
+  if torch_step:
+    print(f'torch MFU {100 * torch_mfu:.1f}%: 2x torch would take {200 * torch_mfu:.1f}% MFU')
 
   rounds64, rounds8 = _alternating_times(
       [make_moe_layer(cfg, e, args.batch, args.seq) for e in (64, 8)], 2 * args.steps, args.warmup)
@@ -286,6 +290,7 @@ def main(argv=None) -> dict:
 
   result = {'jax_tokens_per_s': tokens / t_jax, 'torch_tokens_per_s': tokens / t_torch,
             'speedup_vs_torch': speedup, 'mfu': mfu, 'matmul_peak_gflops': peak / 1e9,
+            'torch_mfu': torch_mfu, 'mfu_needed_for_2x': 2 * torch_mfu,
             'moe_time_ratio_64_vs_8': t64 / t8,
             'moe_time_ratio_rounds': [round(r, 3) for r in round_ratios],
             'attn_peak_mem_ratio_16k_vs_8k': m16 / m8}

@@ -16,6 +16,11 @@ host busy where a single device leaves one idle much of the step. The single-dev
 
 Timings exclude compilation and warm-up; the configurations are measured in alternating
 rounds so machine noise hits them equally. The last printed line is a JSON object.
+
+Efficiency: the step's useful FLOPs (``train_flops``: 6 x matmul weights x real patches, plus
+each image's attention, forward and twice that backward) over each side's step time, as a
+fraction of an fp32 matmul peak measured in the same rounds (``bench.lm.make_matmul_peak``);
+``mfu_needed_for_target`` is the fraction the 1.5x target would take (1.5 x torch's).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import FrozenConfigDict
 from PIL import Image
 
+from kimi_vl_jax.bench.lm import make_matmul_peak
 from kimi_vl_jax.config import presets
 from kimi_vl_jax.convert import hf_vision
 from kimi_vl_jax.data import image_processor, patch_packing
@@ -45,6 +51,23 @@ def _images(seed: int):
   rng = np.random.default_rng(seed)
   pil = [Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)) for w, h in IMAGE_SIZES]
   return image_processor.process_images(pil)
+
+
+def matmul_params(vcfg) -> int:
+  """Weights of the tower that multiply every patch: the patch embedding and, per block, the
+  fused qkv, the output projection and the two MLP matrices (no biases, norms or positions)."""
+  d, f = vcfg.hidden_size, vcfg.intermediate_size
+  patch = vcfg.num_channels * vcfg.patch_size ** 2
+  return patch * d + vcfg.num_hidden_layers * (3 * d * d + d * d + 2 * d * f)
+
+
+def train_flops(vcfg, patches_per_image) -> float:
+  """Useful FLOPs of one forward+backward over the images (padding excluded): 6 x matmul
+  weights x patches, plus per block and image attention's q k^T and p v, 2 * 2 * P^2 * d
+  forward (every head together spans d), 3x that with the backward."""
+  patches = np.asarray(patches_per_image, np.float64)
+  attention = 3 * 4 * vcfg.hidden_size * np.sum(patches ** 2) * vcfg.num_hidden_layers
+  return float(6 * matmul_params(vcfg) * patches.sum() + attention)
 
 
 def _torch_tower(vision_cfg, threads: int):
@@ -180,10 +203,14 @@ def main(argv=None) -> dict:
     if not np.isclose(loss, torch_loss, rtol=1e-4, atol=0):
       raise RuntimeError(f'jax[{name}] loss {loss} != torch loss {torch_loss}: the towers differ')
 
-  times = {name: [] for name in [*runs, 'torch']}
+  peak_fn = make_matmul_peak()
+  times, peaks = {name: [] for name in [*runs, 'torch']}, []
   for _ in range(args.rounds):
+    peaks.append(peak_fn())
     for name, fn in [*runs.items(), ('torch', torch_step)]:
       times[name].append(_time(fn, args.iters))
+  peak = float(np.median(peaks))
+  flops = train_flops(vcfg, [im.num_patches for im in images])
   wall = {k: min(t[0] for t in v) for k, v in times.items()}
   cpu = {k: min(t[1] for t in v) for k, v in times.items()}
   jax_s, torch_s = wall['dp'], wall['torch']
@@ -206,6 +233,11 @@ def main(argv=None) -> dict:
       'torch_threads': threads,
       'attention_block_size': vcfg.attention_block_size,
       'attention_head_groups': vcfg.attention_head_groups,
+      'train_gflop_per_step': round(flops / 1e9, 2),
+      'matmul_peak_gflops': round(peak / 1e9, 1),
+      'jax_mfu': round(flops / jax_s / peak, 4),
+      'torch_mfu': round(flops / torch_s / peak, 4),
+      'mfu_needed_for_target': round(1.5 * flops / torch_s / peak, 4),
   }
   if 'one_device' in wall:
     one = wall['one_device']
@@ -221,6 +253,9 @@ def main(argv=None) -> dict:
         f'({n_img / jax_s:.2f} img/s), torch sdpa {torch_s * 1e3:.1f} ms/step '
         f'({n_img / torch_s:.2f} img/s): {torch_s / jax_s:.2f}x; '
         f'process CPU s/step jax {cpu["dp"]:.2f} torch {cpu["torch"]:.2f}')
+  print(f'{flops / 1e9:.1f} GFLOP a step; of a {peak / 1e9:.1f} GFLOP/s fp32 matmul peak: jax '
+        f'{100 * result["jax_mfu"]:.1f}%, torch {100 * result["torch_mfu"]:.1f}%; 1.5x torch '
+        f'would take {100 * result["mfu_needed_for_target"]:.1f}%')
   print(json.dumps(result))
   return result
 
