@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import FrozenConfigDict
 
+from kimi_vl_jax.bench.lm import make_matmul_peak
 from kimi_vl_jax.config.presets import get_preset
 from kimi_vl_jax.models.moe import MoEBlock
 from kimi_vl_jax.ops.moe_dispatch import resolve_backend
@@ -104,20 +105,6 @@ def compare_expert_counts(backend: str = 'auto', counts=(64, 8), *, repeats: int
   return _best_times(runners, repeats)
 
 
-def matmul_peak_flops(n: int = 1024, m: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a large fp32 matmul on the default device (the MFU denominator)."""
-  a = jnp.ones((m, n), jnp.float32)
-  b = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(mm(a, b))
-  best = float('inf')
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a, b))
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * m * n * n / best
-
-
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--backends', default='capacity,dense,ragged')
@@ -131,7 +118,7 @@ def main(argv=None) -> dict:
   platform = jax.default_backend()
   tokens = args.batch * args.seq
   shape = dict(batch=args.batch, seq=args.seq, preset=args.preset)
-  peak = matmul_peak_flops()
+  peak = make_matmul_peak()()
   print(f'platform {platform}; matmul peak {peak / 1e9:.1f} GFLOP/s; tokens {tokens}')
   result = {'platform': platform, 'matmul_peak_gflops': round(peak / 1e9, 2)}
   for backend in [b.strip() for b in args.backends.split(',') if b.strip()]:
