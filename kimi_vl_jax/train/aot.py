@@ -27,6 +27,7 @@ and the loss (``model.lm.moe_token_chunk``, ``train.loss_token_chunk``) before h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import time
@@ -94,6 +95,19 @@ def _source_names(config, stage) -> tuple:
   return tuple(s.name for s in mixture_lib.parse_sources(config.data.sources))
 
 
+def _without_persistent_cache(fn):
+  """Runs ``fn`` with JAX's persistent compilation cache off (if one is set, e.g. by the
+  environment): a topology has no client to load a cached executable into, so reading one back
+  fails with a warning and compiles again, and writing one only costs time and disk."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    from kimi_vl_jax.train import loop
+    with loop.compilation_cache('', ''):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+@_without_persistent_cache
 def compile_stage(config, stage_name: str, devices: Sequence, keep_text: bool = False) -> dict:
   """Lowers and compiles ``stage_name``'s train step over ``devices``; returns its figures.
 
@@ -158,6 +172,7 @@ def _compiled_figures(lowered) -> dict:
 RL_PROGRAMS = ('decode', 'ref_logp')
 
 
+@_without_persistent_cache
 def compile_rl_stage(config, stage_name: str, devices: Sequence, keep_text: bool = False) -> dict:
   """An RL stage's three programs compiled for ``devices`` at their largest shapes: the train
   step on a batch of training rows (``rollout.training_rows``: prompt + response rows of

@@ -61,15 +61,21 @@ def test_a_step_beyond_hbm_is_reported_not_raised(devices):
   assert 'DOES NOT FIT' in aot.describe_result(r)
 
 
-def test_rl_stage_compiles_its_train_step_sampler_and_reference_programs(devices):
+def test_rl_stage_compiles_its_train_step_sampler_and_reference_programs(devices, tmp_path):
   """The rl stage's three programs at their largest shapes: the train step on training rows
   with the RL keys, the KV-cache sampler over every row of an iteration, and the reference
-  log-probabilities; each with its own memory figures."""
-  from kimi_vl_jax.train import aot
+  log-probabilities; each with its own memory figures. None of them goes into a persistent
+  compilation cache that is set (a topology's executables cannot be loaded back)."""
+  import jax
+  from kimi_vl_jax.train import aot, loop
   c = _config()
   c.stages.rl.global_batch = 8
   c.rl.model = 'lm'
-  r = aot.compile_rl_stage(c, 'rl', devices, keep_text=True)
+  cache = tmp_path / 'cache'
+  with loop.compilation_cache(str(cache), ''):
+    r = aot.compile_rl_stage(c, 'rl', devices, keep_text=True)
+    assert jax.config.jax_compilation_cache_dir == str(cache)   # restored after the compiles
+  assert not cache.exists() or not any(cache.iterdir())
   assert r['fits'] and r['decode']['fits'] and r['ref_logp']['fits'], aot.describe_result(r)
   assert (r['global_batch'], r['seq_len']) == (8, 256)
   for f in (r, r['decode'], r['ref_logp']):
